@@ -1,0 +1,30 @@
+# Two entry points: `make demo` runs the whole demo pipeline, `make test` runs the tests.
+# Both create .venv on first use (torch/torchvision pinned to the builds on this machine's disk).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dvc repro
+	$(BIN)/python -m pipeline report
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline stages tests scripts
+
+clean:
+	rm -rf $(VENV)

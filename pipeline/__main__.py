@@ -1,0 +1,189 @@
+"""The command line: `python -m pipeline COMMAND [OPTIONS]`.
+
+Every stage command's options are generated from its config dataclass (`pipeline.config`),
+with the defaults read from `params.yaml` (or `--params FILE`, given before the command)
+and shown by `--help`. Options given on the command line override the params file.
+Problems users can fix print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from pipeline import config as cfg
+from pipeline.errors import PipelineError
+
+# Nested sections whose options keep their own names (distill --epochs, not --train-epochs).
+UNPREFIXED = {"train"}
+
+app = typer.Typer(
+    name="python -m pipeline",
+    help="csm-distill: distil a CLIP teacher into a small student by cross-modal similarity "
+    "matching, with cached teacher outputs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def params_path_from_argv(argv: list[str]) -> Path:
+    """`--params FILE` is needed before typer parses anything: it sets the shown defaults."""
+    for i, arg in enumerate(argv):
+        if arg == "--params" and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if arg.startswith("--params="):
+            return Path(arg.split("=", 1)[1])
+    return cfg.DEFAULT_PARAMS
+
+
+PARAMS_PATH = params_path_from_argv(sys.argv[1:])
+
+
+@app.callback()
+def root(
+    params: Path = typer.Option(
+        cfg.DEFAULT_PARAMS, "--params", help="params file with the defaults of every stage"
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+) -> None:
+    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def leaf_value(config: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def stage_command(name: str, stage: str, module: str, help: str) -> None:
+    """Register `name` as a command whose options are the fields of `stage`'s config."""
+    config_cls = cfg.STAGE_CONFIGS[stage]
+    try:
+        defaults = cfg.load_config(stage, PARAMS_PATH)
+    except PipelineError:
+        defaults = None  # reported when the command runs, not while listing commands
+
+    leaves = []
+    for f, tp in cfg.config_fields(config_cls):
+        if cfg.is_config(tp):
+            for sub_f, sub_tp in cfg.config_fields(tp):
+                option = sub_f.name if f.name in UNPREFIXED else f"{f.name}_{sub_f.name}"
+                leaves.append((option, f"{f.name}.{sub_f.name}", sub_tp, sub_f))
+        else:
+            leaves.append((f.name, f.name, tp, f))
+
+    parameters = []
+    for option, dotted, tp, f in leaves:
+        shown = leaf_value(defaults, dotted) if defaults is not None else "from params.yaml"
+        choices = cfg.field_choices(f)
+        text = cfg.field_help(f) + (f"; one of {', '.join(choices)}" if choices else "")
+        text += f"  (default: {repr_default(shown)})"
+        flag = "--" + option.replace("_", "-")
+        decls = [f"{flag}/--no-{option.replace('_', '-')}"] if tp is bool else [flag]
+        parameters.append(
+            inspect.Parameter(
+                option,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(None, *decls, help=text, show_default=False),
+                annotation=Optional[tp],  # noqa: UP045 (typer needs a typing.Optional)
+            )
+        )
+
+    def command(**options: Any) -> None:
+        config = cfg.load_config(stage, PARAMS_PATH)
+        changes = {dotted: options[option] for option, dotted, _, _ in leaves
+                   if options[option] is not None}
+        config = cfg.override(config, changes)
+        stage_module = importlib.import_module(module)
+        stage_module.run(config)
+
+    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    command.__doc__ = help
+    app.command(name, help=help)(command)
+
+
+def repr_default(value: Any) -> str:
+    if isinstance(value, tuple):
+        return " ".join(str(v) for v in value)
+    if value == "":
+        return "''"
+    return str(value)
+
+
+stage_command("shards", "shards", "stages.shards",
+              "Write webdataset shards from an image folder or the built-in demo world.")
+stage_command("demo-teacher", "demo_teacher", "stages.demo_teacher",
+              "Train the tiny demo CLIP teacher on the demo world's captions.")
+stage_command("precompute", "precompute", "stages.precompute",
+              "Stage one: run the teacher once over augmented views into an HDF5 cache.")
+stage_command("distill", "distill", "stages.distill",
+              "Stage two: train the student with CSM against the cached teacher targets.")
+stage_command("supervised", "supervised", "stages.supervised",
+              "Train the supervised reference (cross-entropy, same views and schedule).")
+stage_command("probe", "probe", "stages.probe",
+              "Linear probe and zero-shot of teacher, student and baselines.")
+stage_command("bench", "bench", "stages.bench",
+              "Measure the cost of caching: plain, cached and online training side by side.")
+
+
+@app.command("inspect")
+def inspect_cache(
+    file: Path = typer.Argument(..., help="teacher cache (HDF5) written by precompute"),
+    tau_teacher: float = typer.Option(
+        None, help="temperature for the summary (default: distill.tau_teacher of params.yaml)"
+    ),
+) -> None:
+    """Print a teacher cache's identity, counts, anchors and a summary of its targets."""
+    from stages import inspect as inspect_stage
+
+    if tau_teacher is None:
+        tau_teacher = cfg.load_config("distill", PARAMS_PATH).tau_teacher
+    inspect_stage.run(file, tau_teacher)
+
+
+@app.command("report")
+def report(
+    file: Path = typer.Argument(Path("metrics/probe.json"), help="probe metrics JSON"),
+) -> None:
+    """Print the probe table from a probe metrics file."""
+    from stages import probe
+
+    probe.print_table(probe.read_metrics(file))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    command: Callable[..., Any] = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="python -m pipeline", standalone_mode=False)
+    except typer.Exit as done:
+        return done.exit_code
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        return 130
+    except typer.TyperException as err:  # usage errors: unknown option, bad value, missing argument
+        context = getattr(err, "ctx", None)
+        where = f" (see: {context.command_path} --help)" if context is not None else ""
+        print(f"error: {one_line(err.format_message())}{where}", file=sys.stderr)
+        return 2
+    except PipelineError as err:
+        print(f"error: {one_line(str(err))}", file=sys.stderr)
+        return 2
+    return result if isinstance(result, int) else 0
+
+
+def one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""Typed configuration of every stage, loaded from `params.yaml` (the DVC params file).
+
+`params.yaml` is the one place where defaults live: one section per stage, plus the shared
+`teacher` and `prompts` sections. Each stage's config is a frozen dataclass; a field whose
+type is itself a config dataclass is read from the top-level section of the same name.
+Unknown or missing keys are errors, so a typo never silently falls back to a default.
+The CLI builds its options from these dataclasses (`field_help`), so the option list, the
+YAML keys and the types are defined once, here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+def opt(help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field: its help text (shown by `--help`) and, optionally, its allowed values."""
+    return field(metadata={"help": help, "choices": choices})
+
+
+def field_help(f: dataclasses.Field) -> str:
+    return f.metadata.get("help", "")
+
+
+def field_choices(f: dataclasses.Field) -> tuple[str, ...] | None:
+    return f.metadata.get("choices")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    model: str = opt("open_clip model name (e.g. ViT-B-32); empty when `config` names a JSON file")
+    pretrained: str = opt("open_clip pretrained tag (e.g. openai); empty for none")
+    checkpoint: str = opt("local checkpoint file (.safetensors/.pt/.bin); empty for none")
+    config: str = opt("JSON model config of a custom open_clip model; empty for a built-in model")
+
+
+@dataclass(frozen=True)
+class PromptsConfig:
+    set: str = opt("prompt set: plain (templates x names) or cpa (names with context)",
+                   choices=("plain", "cpa"))
+    plain_templates: str = opt("file of templates with {name}, one per line")
+    cpa_templates: str = opt("file of templates with {name} and {context}, one per line")
+    anchors: str = opt("class: one anchor per class (mean of its prompts); prompt: one per prompt",
+                       choices=("class", "prompt"))
+
+
+@dataclass(frozen=True)
+class ShardsConfig:
+    source: str = opt("where images come from", choices=("demo", "folder"))
+    out: str = opt("output directory for train-*.tar, val-*.tar, classes.json, manifest.json")
+    root: str = opt("folder source: image folder <root>/<class>/<image>")
+    val_root: str = opt("folder source: separate validation folder (empty: split --val-fraction)")
+    val_fraction: float = opt("folder source: share of each class held out for val")
+    max_per_shard: int = opt("samples per shard")
+    train: int = opt("demo source: training images")
+    val: int = opt("demo source: validation images")
+    seed: int = opt("demo source: seed of the demo world")
+    image_size: int = opt("demo source: image side in pixels")
+    workers: int = opt("processes that render/encode images")
+
+
+@dataclass(frozen=True)
+class DemoTeacherConfig:
+    shards: str = opt("demo shards: their val split measures zero-shot accuracy")
+    config: str = opt("JSON open_clip model config of the teacher; weights are written beside it")
+    out: str = opt("weights file to write (.safetensors)")
+    steps: int = opt("training steps")
+    batch_size: int = opt("image-caption pairs per step")
+    lr: float = opt("peak learning rate (AdamW, cosine with warm-up)")
+    warmup_steps: int = opt("linear warm-up steps")
+    weight_decay: float = opt("AdamW weight decay")
+    seed: int = opt("seed of the training stream (distinct from the shards' seed)")
+    workers: int = opt("DataLoader workers rendering training images")
+    threads: int = opt("torch CPU threads (0: torch's default)")
+    eval_every: int = opt("measure zero-shot accuracy on the val shards every N steps (0: at the end)")
+    prompts: PromptsConfig = opt("prompt templates (both plain and cpa anchors are measured)")
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    shards: str = opt("shard directory (reads its train-*.tar)")
+    out: str = opt("HDF5 cache file to write")
+    views: int = opt("augmented views per training image")
+    crop_scale: tuple[float, float] = opt("random resized crop: area range as fractions")
+    crop_ratio: tuple[float, float] = opt("random resized crop: aspect-ratio range")
+    flip: bool = opt("random horizontal flip")
+    seed: int = opt("seed of the view parameters")
+    topk: int = opt("0: store all anchor similarities; k>0: store only the top-k")
+    store_embeddings: bool = opt("also store the teacher image embedding of every view")
+    batch_size: int = opt("views per teacher forward")
+    workers: int = opt("DataLoader workers decoding images")
+    device: str = opt("auto, cpu or cuda")
+    metrics: str = opt("metrics JSON file to write")
+    teacher: TeacherConfig = opt("the teacher")
+    prompts: PromptsConfig = opt("the prompt set")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What distill and the supervised reference share: model, data path, optimisation."""
+
+    shards: str = opt("shard directory (reads its train-*.tar)")
+    cache: str = opt("teacher cache (HDF5) written by precompute: views and targets")
+    arch: str = opt("torchvision classification model name")
+    head: str = opt("projection head", choices=("linear", "mlp"))
+    head_hidden: int = opt("hidden width of the mlp head")
+    image_size: int = opt("student input resolution")
+    epochs: int = opt("training epochs")
+    batch_size: int = opt("images per step")
+    optimizer: str = opt("optimiser", choices=("adamw", "sgd"))
+    lr: float = opt("peak learning rate")
+    weight_decay: float = opt("weight decay")
+    momentum: float = opt("SGD momentum")
+    warmup_epochs: float = opt("linear warm-up length in epochs before the cosine decay")
+    seed: int = opt("seed of initialisation, view choice and batch order")
+    workers: int = opt("DataLoader workers")
+    device: str = opt("auto, cpu or cuda")
+    checkpoint_every: int = opt("also checkpoint every N steps (0: only at each epoch end)")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    out: str = opt("student checkpoint to write")
+    run_dir: str = opt("directory for resumable training checkpoints")
+    tau_teacher: float = opt("teacher temperature: p_T = softmax(s_T / tau_teacher)")
+    tau_student: float = opt("student temperature: p_S = softmax(cos(z_S, a) / tau_student)")
+    metrics: str = opt("metrics JSON file to write")
+    plot: str = opt("per-epoch CSV to write")
+    train: TrainConfig = opt("training settings")
+    teacher: TeacherConfig = opt("the teacher the cache must come from")
+    prompts: PromptsConfig = opt("the prompt set the cache must hold")
+
+
+@dataclass(frozen=True)
+class SupervisedConfig:
+    out: str = opt("supervised reference checkpoint to write")
+    run_dir: str = opt("directory for resumable training checkpoints")
+    metrics: str = opt("metrics JSON file to write")
+    plot: str = opt("per-epoch CSV to write")
+    train: TrainConfig = opt("training settings (shared with distill)")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    shards: str = opt("shard directory (train-*.tar to fit, val-*.tar to evaluate)")
+    cache: str = opt("teacher cache: teacher identity and anchors")
+    student: str = opt("distilled student checkpoint")
+    supervised: str = opt("supervised reference checkpoint (empty: skip)")
+    out: str = opt("metrics JSON file to write")
+    plots: str = opt("directory for probe.png and distill.png")
+    distill_csv: str = opt("per-epoch CSV of distill, drawn as a curve")
+    holdout_fraction: float = opt("share of train held out to choose the regularisation")
+    batch_size: int = opt("images per feature-extraction batch")
+    workers: int = opt("DataLoader workers")
+    device: str = opt("auto, cpu or cuda")
+    seed: int = opt("seed of the hold-out split and the random-init student")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    shards: str = opt("shard directory used for every measurement")
+    cache: str = opt("teacher cache used by the cached path")
+    arch: str = opt("student architecture")
+    image_size: int = opt("student resolution")
+    random_teacher: bool = opt("allow a teacher model without weights (speed only, e.g. ViT-B-32)")
+    batch_size: int = opt("images per step")
+    steps: int = opt("timed steps per measurement (after warm-up)")
+    warmup_steps: int = opt("untimed steps before each measurement")
+    workers: int = opt("DataLoader workers")
+    device: str = opt("auto, cpu or cuda")
+    topk: int = opt("k of the top-k cache size measurement")
+    json: str = opt("JSON file to write (empty: none)")
+    teacher: TeacherConfig = opt("the teacher")
+    prompts: PromptsConfig = opt("the prompt set")
+
+
+STAGE_CONFIGS: dict[str, type] = {
+    "shards": ShardsConfig,
+    "demo_teacher": DemoTeacherConfig,
+    "precompute": PrecomputeConfig,
+    "distill": DistillConfig,
+    "supervised": SupervisedConfig,
+    "probe": ProbeConfig,
+    "bench": BenchConfig,
+}
+NESTED_SECTIONS: dict[str, type] = {
+    "teacher": TeacherConfig,
+    "prompts": PromptsConfig,
+    "train": TrainConfig,
+}
+
+
+def read_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(
+            f"{path}: params file not found; run from the project root or pass --params FILE"
+        )
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise PipelineError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(params, dict):
+        raise PipelineError(f"{path}: expected a mapping of sections at the top level")
+    return params
+
+
+def config_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    """The fields of a config dataclass with their resolved types."""
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
+def is_config(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check and convert one YAML/CLI value to the field type, or raise a PipelineError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return coerce(value, args[0], where)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise PipelineError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(coerce(v, a, where) for v, a in zip(value, args, strict=True))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise PipelineError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise PipelineError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise PipelineError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise PipelineError(f"{where}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp!r} at {where}")
+
+
+def load_section(cls: type, params: dict[str, Any], section: str, source: str) -> Any:
+    """Build config `cls` from `params[section]`; nested configs come from their own sections."""
+    raw = params.get(section)
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{source}: section '{section}' is missing or not a mapping")
+    fields_and_types = config_fields(cls)
+    known = {f.name for f, tp in fields_and_types if not is_config(tp)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise PipelineError(
+            f"{source}: unknown key(s) {', '.join(unknown)} in section '{section}'; "
+            f"known keys: {', '.join(sorted(known))}"
+        )
+    values: dict[str, Any] = {}
+    for f, tp in fields_and_types:
+        if is_config(tp):
+            values[f.name] = load_section(tp, params, f.name, source)
+            continue
+        where = f"{source}: {section}.{f.name}"
+        if f.name not in raw:
+            raise PipelineError(f"{where} is missing; add it to the '{section}' section")
+        values[f.name] = coerce(raw[f.name], tp, where)
+        check_choice(f, values[f.name], where)
+    return cls(**values)
+
+
+def check_choice(f: dataclasses.Field, value: Any, where: str) -> None:
+    choices = field_choices(f)
+    if choices and value not in choices:
+        raise PipelineError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+
+
+def load_config(stage: str, params_path: str | Path = DEFAULT_PARAMS) -> Any:
+    """The config of `stage` from the params file."""
+    return load_section(STAGE_CONFIGS[stage], read_params(params_path), stage, str(params_path))
+
+
+def override(config: Any, changes: dict[str, Any]) -> Any:
+    """A copy of `config` with dotted-key `changes` applied, e.g. {"train.epochs": 2}.
+
+    Values are checked against the field types, like values read from the params file.
+    """
+    nested: dict[str, dict[str, Any]] = {}
+    direct: dict[str, Any] = {}
+    types_by_name = {f.name: (f, tp) for f, tp in config_fields(type(config))}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if head not in types_by_name:
+            raise PipelineError(f"unknown option '{key}' for {type(config).__name__}")
+        f, tp = types_by_name[head]
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            direct[head] = coerce(value, tp, f"option --{head.replace('_', '-')}")
+            check_choice(f, direct[head], f"option --{head.replace('_', '-')}")
+    for head, sub in nested.items():
+        direct[head] = override(getattr(config, head), sub)
+    return dataclasses.replace(config, **direct)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def write_resolved(config: Any, path: str | Path) -> None:
+    """Write the resolved config beside a stage's outputs (JSON, keys sorted)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,294 @@
+"""The demo world: a seeded generator of captioned images, a laptop-sized stand-in for ImageNet.
+
+A class is a (colour, shape) pair: 6 colours x 8 shapes = 48 classes. Every image also
+varies in nuisance factors that do not change its class: size, position, rotation,
+background (kind and tone), colour jitter and pixel noise, so that classes are not
+separable from raw pixels alone. Each image carries a caption that states its attributes
+in varied phrasing; it is what the demo CLIP teacher is trained on.
+
+Image `i` of a split depends only on (seed, split, i): generation can be split across
+processes and the same seed always gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 35),
+    "orange": (245, 135, 20),
+    "yellow": (240, 220, 30),
+    "green": (40, 175, 60),
+    "blue": (35, 80, 225),
+    "purple": (150, 45, 190),
+}
+SHAPES: tuple[str, ...] = (
+    "circle", "square", "triangle", "star", "cross", "ring", "crescent", "heart",
+)
+SIZES: dict[str, tuple[float, float]] = {  # radius as a fraction of the image side
+    "small": (0.11, 0.16),
+    "medium": (0.18, 0.24),
+    "large": (0.26, 0.34),
+}
+BACKGROUND_KINDS: tuple[str, ...] = ("plain", "gradient", "striped", "checkered", "noisy")
+BACKGROUND_TONES: dict[str, tuple[float, float]] = {  # grey level range, 0-255
+    "dark": (25, 80),
+    "grey": (95, 150),
+    "light": (170, 230),
+}
+ROWS = ("top", "middle", "bottom")
+COLUMNS = ("left", "center", "right")
+SPLIT_CODES = {"train": 1, "val": 2}
+JPEG_QUALITY = 92
+
+SIZE_WORDS = {"small": ("small", "little", "tiny"), "medium": ("medium", "mid-sized"),
+              "large": ("large", "big")}
+
+
+@dataclass(frozen=True)
+class DemoClass:
+    index: int
+    colour: str
+    shape: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+    @property
+    def id(self) -> str:
+        return f"{self.colour}_{self.shape}"
+
+
+def demo_classes() -> list[DemoClass]:
+    """All classes in index order (colour-major)."""
+    return [
+        DemoClass(c * len(SHAPES) + s, colour, shape)
+        for c, colour in enumerate(COLOURS)
+        for s, shape in enumerate(SHAPES)
+    ]
+
+
+def demo_contexts() -> list[str]:
+    """CPA contexts of the demo world: its nuisance attributes, shared by every class.
+
+    The prompt "a photo of a red star, small, on a dark striped background." names the class
+    and one setting of the nuisances; averaging a class's prompts over all contexts gives an
+    anchor that does not prefer one size or background.
+    """
+    return [
+        f"{size}, on a {tone} {kind} background"
+        for size in SIZES
+        for tone in BACKGROUND_TONES
+        for kind in BACKGROUND_KINDS
+    ]
+
+
+@dataclass(frozen=True)
+class DemoAttributes:
+    """Everything that determines one image (stored as the sample's `json`)."""
+
+    label: int
+    colour: str
+    shape: str
+    size: str
+    radius: float  # fraction of the image side
+    cx: float  # centre, fractions of the image side
+    cy: float
+    rotation: float  # degrees
+    background: str
+    tone: str
+    noise: float  # pixel noise standard deviation, 0-255 scale
+    caption: str
+
+
+def position_words(cx: float, cy: float) -> tuple[str, str]:
+    row = ROWS[min(int(cy * 3), 2)]
+    column = COLUMNS[min(int(cx * 3), 2)]
+    return row, column
+
+
+def position_phrase(row: str, column: str, rng: np.random.Generator) -> str:
+    if row == "middle" and column == "center":
+        return str(rng.choice(["in the center", "in the middle", "at the center"]))
+    if row == "middle":
+        return f"on the {column}"
+    if column == "center":
+        return f"at the {row}"
+    return str(rng.choice([f"in the {row} {column}", f"in the {row} {column} corner"]))
+
+
+def caption_for(a: DemoAttributes, rng: np.random.Generator) -> str:
+    """A caption that states the attributes, in one of several phrasings.
+
+    Colour and shape are always named; size, position and background come and go, so the
+    teacher learns that the class words matter whatever else is said.
+    """
+    size = str(rng.choice(SIZE_WORDS[a.size]))
+    where = position_phrase(*position_words(a.cx, a.cy), rng)
+    background = f"{a.tone} {a.background} background"
+    name = f"{a.colour} {a.shape}"
+    phrasings = [
+        f"a {size} {name} on a {background}",
+        f"a photo of a {name}, {a.size}, on a {background}.",
+        f"a {name} {where}",
+        f"a {size} {name} {where} of the picture",
+        f"a {name} {where} on a {background}",
+        f"an image of a {size} {a.colour} {a.shape}",
+        f"a {background} with a {size} {name} {where}",
+        f"there is a {name} on a {background}",
+        f"a {name}",
+        f"a photo of a {name}.",
+        f"{size} {a.shape}, colour {a.colour}, {where}",
+    ]
+    return phrasings[int(rng.integers(len(phrasings)))]
+
+
+def sample_attributes(label: int, rng: np.random.Generator) -> DemoAttributes:
+    classes = demo_classes()
+    cls = classes[label]
+    size = str(rng.choice(list(SIZES)))
+    radius = float(rng.uniform(*SIZES[size]))
+    margin = radius * 0.9
+    cx, cy = (float(v) for v in rng.uniform(margin, 1 - margin, size=2))
+    attributes = DemoAttributes(
+        label=label,
+        colour=cls.colour,
+        shape=cls.shape,
+        size=size,
+        radius=radius,
+        cx=cx,
+        cy=cy,
+        rotation=float(rng.uniform(0, 360)),
+        background=str(rng.choice(BACKGROUND_KINDS)),
+        tone=str(rng.choice(list(BACKGROUND_TONES))),
+        noise=float(rng.uniform(0, 14)),
+        caption="",
+    )
+    return DemoAttributes(**{**asdict(attributes), "caption": caption_for(attributes, rng)})
+
+
+def shape_polygon(shape: str, cx: float, cy: float, r: float, rotation: float) -> list:
+    """Vertices of a polygonal shape in pixels (for the shapes drawn as one polygon)."""
+    if shape == "square":
+        points = [(math.cos(a), math.sin(a)) for a in np.radians([45, 135, 225, 315])]
+        points = [(x * 0.95, y * 0.95) for x, y in points]
+    elif shape == "triangle":
+        points = [(math.cos(a), math.sin(a)) for a in np.radians([-90, 30, 150])]
+    elif shape == "star":
+        points = [
+            ((1.0 if k % 2 == 0 else 0.45) * math.cos(a), (1.0 if k % 2 == 0 else 0.45) * math.sin(a))
+            for k, a in enumerate(np.radians(np.arange(10) * 36 - 90))
+        ]
+    elif shape == "cross":
+        w = 0.34
+        points = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1),
+                  (-w, w), (-1, w), (-1, -w), (-w, -w)]
+    elif shape == "heart":
+        t = np.linspace(0, 2 * math.pi, 40, endpoint=False)
+        x = 16 * np.sin(t) ** 3
+        y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+        points = list(zip(x / 17.0, (y + 2.5) / 17.0, strict=True))
+    else:
+        raise ValueError(f"{shape} is not a polygon shape")
+    theta = math.radians(rotation)
+    cos_t, sin_t = math.cos(theta), math.sin(theta)
+    return [(cx + r * (x * cos_t - y * sin_t), cy + r * (x * sin_t + y * cos_t)) for x, y in points]
+
+
+SUPERSAMPLE = 4
+
+
+def shape_mask(a: DemoAttributes, side: int) -> np.ndarray:
+    """Anti-aliased coverage (0-1) of the shape, drawn at 4x and averaged down."""
+    big = side * SUPERSAMPLE
+    mask = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(mask)
+    cx, cy, r = a.cx * big, a.cy * big, a.radius * big
+    if a.shape in ("circle", "ring", "crescent"):
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        if a.shape == "ring":
+            inner = r * 0.55
+            draw.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=0)
+        elif a.shape == "crescent":
+            theta = math.radians(a.rotation)
+            ox, oy = cx + 0.45 * r * math.cos(theta), cy + 0.45 * r * math.sin(theta)
+            cut = r * 0.85
+            draw.ellipse([ox - cut, oy - cut, ox + cut, oy + cut], fill=0)
+    else:
+        draw.polygon(shape_polygon(a.shape, cx, cy, r, a.rotation), fill=255)
+    small = mask.resize((side, side), Image.Resampling.BOX)
+    return np.asarray(small, dtype=np.float32) / 255.0
+
+
+def background(a: DemoAttributes, side: int, rng: np.random.Generator) -> np.ndarray:
+    """A low-saturation background (H, W, 3) float array in 0-255."""
+    level = rng.uniform(*BACKGROUND_TONES[a.tone])
+    tint = rng.normal(0, 6, size=3)  # a faint colour cast, never a class colour
+    base = np.full((side, side, 3), level, dtype=np.float32) + tint.astype(np.float32)
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
+    contrast = rng.uniform(18, 40)
+    if a.background == "gradient":
+        angle = rng.uniform(0, 2 * math.pi)
+        ramp = (xx - 0.5) * math.cos(angle) + (yy - 0.5) * math.sin(angle)
+        base += (ramp * 2 * contrast)[..., None]
+    elif a.background == "striped":
+        angle = rng.uniform(0, math.pi)
+        period = rng.uniform(0.08, 0.2)
+        phase = (xx * math.cos(angle) + yy * math.sin(angle)) / period
+        base += (np.sign(np.sin(2 * math.pi * phase)) * contrast / 2)[..., None]
+    elif a.background == "checkered":
+        cell = rng.uniform(0.08, 0.2)
+        checks = (np.floor(xx / cell) + np.floor(yy / cell)) % 2
+        base += ((checks - 0.5) * contrast)[..., None]
+    elif a.background == "noisy":
+        coarse = rng.normal(0, contrast / 2, size=(side // 8 + 1, side // 8 + 1))
+        blobs = np.kron(coarse, np.ones((8, 8)))[:side, :side]
+        base += blobs[..., None].astype(np.float32)
+    return base
+
+
+def render(a: DemoAttributes, side: int, rng: np.random.Generator) -> np.ndarray:
+    """The image of `a` as (side, side, 3) uint8."""
+    canvas = background(a, side, rng)
+    colour = np.asarray(COLOURS[a.colour], dtype=np.float32)
+    colour = np.clip(colour * rng.uniform(0.82, 1.1) + rng.normal(0, 10, size=3), 0, 255)
+    mask = shape_mask(a, side)[..., None]
+    # Soft shading across the shape so it is not a flat fill.
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
+    shade = 1.0 + 0.12 * ((xx - a.cx) * rng.uniform(-1, 1) + (yy - a.cy) * rng.uniform(-1, 1))
+    canvas = canvas * (1 - mask) + (colour * shade[..., None]) * mask
+    canvas += rng.normal(0, a.noise, size=canvas.shape).astype(np.float32)
+    return np.clip(canvas, 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class DemoSample:
+    key: str
+    jpeg: bytes
+    attributes: DemoAttributes
+
+
+def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, SPLIT_CODES[split], index])
+
+
+def make_image(seed: int, split: str, index: int, side: int = 64) -> tuple[np.ndarray, DemoAttributes]:
+    """Image `index` of `split` as (side, side, 3) uint8 pixels, with its attributes."""
+    rng = sample_rng(seed, split, index)
+    label = int(rng.integers(len(demo_classes())))
+    attributes = sample_attributes(label, rng)
+    return render(attributes, side, rng), attributes
+
+
+def make_sample(seed: int, split: str, index: int, side: int = 64) -> DemoSample:
+    """Image `index` of `split` as a shard sample: key, JPEG bytes, attributes and caption."""
+    pixels, attributes = make_image(seed, split, index, side)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return DemoSample(f"demo_{split}_{index:07d}", buffer.getvalue(), attributes)

@@ -1,0 +1,119 @@
+"""Prompt sets, context-based prompt augmentation (CPA) and the CSM anchors.
+
+- `plain`: every template x every class name ("a photo of a {name}.").
+- `cpa`: every CPA template x every context of the class ("a photo of a {name}, a type of
+  {context}."): the context disambiguates names that mean several things (the bird and
+  the machine called "crane") and, for the demo world, spreads each class over its
+  nuisance attributes. A class without contexts falls back to the plain templates.
+- Anchors: `class` mode gives one anchor per class, the mean of its prompt embeddings
+  re-normalised; `prompt` mode keeps every prompt as its own anchor.
+The digest of a prompt set (strings, their classes, the anchor mode and the teacher
+identity) is recorded in the cache and checked by stage two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import PromptsConfig
+from pipeline.errors import PipelineError
+from pipeline.shards import ClassInfo
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    prompts: tuple[str, ...]
+    prompt_classes: tuple[int, ...]  # class index of every prompt
+    num_classes: int
+    anchors: str  # "class" or "prompt"
+
+    @property
+    def num_anchors(self) -> int:
+        return self.num_classes if self.anchors == "class" else len(self.prompts)
+
+    def anchor_classes(self) -> torch.Tensor:
+        """The class of every anchor (K,)."""
+        if self.anchors == "class":
+            return torch.arange(self.num_classes)
+        return torch.tensor(self.prompt_classes)
+
+
+def read_templates(path: str | Path, fields: Sequence[str], option: str) -> list[str]:
+    """Templates from a file, one per line ('#' comments and blank lines ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: template file not found (option {option})")
+    templates = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        for name in fields:
+            if "{" + name + "}" not in line:
+                raise PipelineError(f"{path}:{number}: template lacks {{{name}}}: {line!r}")
+        try:
+            line.format(**{name: "x" for name in fields})
+        except (KeyError, IndexError, ValueError) as err:
+            raise PipelineError(f"{path}:{number}: bad template {line!r} ({err})") from None
+        templates.append(line)
+    if not templates:
+        raise PipelineError(f"{path}: no templates in file (option {option})")
+    return templates
+
+
+def build_prompt_set(classes: Sequence[ClassInfo], config: PromptsConfig) -> PromptSet:
+    """All prompt strings of the configured set, grouped by class in class order."""
+    plain = read_templates(config.plain_templates, ["name"], "--prompts-plain-templates")
+    cpa = (read_templates(config.cpa_templates, ["name", "context"], "--prompts-cpa-templates")
+           if config.set == "cpa" else [])
+    prompts: list[str] = []
+    prompt_classes: list[int] = []
+    for cls in classes:
+        if config.set == "cpa" and cls.contexts:
+            strings = [t.format(name=cls.name, context=c) for c in cls.contexts for t in cpa]
+        else:
+            strings = [t.format(name=cls.name) for t in plain]
+        prompts.extend(strings)
+        prompt_classes.extend([cls.index] * len(strings))
+    return PromptSet(tuple(prompts), tuple(prompt_classes), len(classes), config.anchors)
+
+
+def prompt_set_digest(prompt_set: PromptSet, teacher_identity: str) -> str:
+    """sha256 over the prompt strings, their classes, the anchor mode and the teacher."""
+    payload = json.dumps(
+        {
+            "prompts": prompt_set.prompts,
+            "classes": prompt_set.prompt_classes,
+            "anchors": prompt_set.anchors,
+            "teacher": teacher_identity,
+        },
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def anchor_embeddings(
+    prompt_embeddings: torch.Tensor, prompt_classes: torch.Tensor, num_classes: int, mode: str
+) -> torch.Tensor:
+    """The CSM anchors (K, D), unit norm.
+
+    class: anchor k = normalise(mean of the unit-norm embeddings of class k's prompts);
+    prompt: every prompt embedding is an anchor.
+    """
+    prompt_embeddings = F.normalize(prompt_embeddings.float(), dim=-1)
+    if mode == "prompt":
+        return prompt_embeddings
+    sums = torch.zeros(num_classes, prompt_embeddings.shape[1])
+    sums.index_add_(0, prompt_classes.long(), prompt_embeddings)
+    counts = torch.bincount(prompt_classes.long(), minlength=num_classes)
+    if (counts == 0).any():
+        missing = torch.nonzero(counts == 0).flatten().tolist()[:5]
+        raise PipelineError(f"prompt set: class(es) {missing} have no prompts")
+    return F.normalize(sums / counts[:, None], dim=-1)

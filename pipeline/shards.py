@@ -1,0 +1,307 @@
+"""Webdataset shards: the format every stage reads, and the one reader they all use.
+
+A shard directory holds `train-NNNNNN.tar` and `val-NNNNNN.tar`, a `classes.json` (index ->
+id, display name, CPA contexts) and a `manifest.json` (counts, shard list with sha256,
+skipped inputs). Each sample has a stable `__key__` without dots, `jpg` bytes, `cls` (int
+class index) and optionally `txt` (caption) and `json` (attributes).
+
+`ShardBatches` is the reading building block: an IterableDataset that decodes samples in
+DataLoader workers, never mixes shards inside a batch (so a stage can process a shard's
+rows together) and reports corrupt samples instead of crashing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+CLASSES_FILE = "classes.json"
+MANIFEST_FILE = "manifest.json"
+TAR_MTIME = 0.0  # fixed member times: the same input gives byte-identical shards
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    index: int
+    id: str  # folder name (e.g. a WordNet id) or demo class id
+    name: str  # display name used in prompts
+    contexts: tuple[str, ...] = ()  # CPA contexts (empty: plain prompts only)
+
+
+def shard_name(split: str, number: int) -> str:
+    return f"{split}-{number:06d}.tar"
+
+
+def list_shards(directory: str | Path, split: str) -> list[Path]:
+    """The shards of one split in order; a one-line error if there are none."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PipelineError(
+            f"{directory}: shard directory not found; create it with `python -m pipeline shards`"
+        )
+    shards = sorted(directory.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+    if not shards:
+        raise PipelineError(f"{directory}: no {split}-NNNNNN.tar shards found")
+    return shards
+
+
+def read_classes(directory: str | Path) -> list[ClassInfo]:
+    path = Path(directory) / CLASSES_FILE
+    if not path.is_file():
+        raise PipelineError(f"{path}: not found; shard directories need a classes.json")
+    try:
+        raw = json.loads(path.read_text())
+        classes = [
+            ClassInfo(int(c["index"]), str(c["id"]), str(c["name"]), tuple(c.get("contexts", ())))
+            for c in raw
+        ]
+    except (ValueError, KeyError, TypeError) as err:
+        raise PipelineError(f"{path}: not a valid classes file ({err})") from None
+    if [c.index for c in classes] != list(range(len(classes))):
+        raise PipelineError(f"{path}: class indices must be 0..{len(classes) - 1} in order")
+    return classes
+
+
+def write_classes(directory: Path, classes: Sequence[ClassInfo]) -> None:
+    rows = [
+        {"index": c.index, "id": c.id, "name": c.name, "contexts": list(c.contexts)}
+        for c in classes
+    ]
+    atomic_write_text(directory / CLASSES_FILE, json.dumps(rows, indent=1) + "\n")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shard_list_digest(shards: Sequence[Path]) -> str:
+    """Digest of shard names, sizes and sha256: changes whenever any shard's content does."""
+    digest = hashlib.sha256()
+    for shard in shards:
+        digest.update(f"{shard.name}\0{shard.stat().st_size}\0{sha256_file(shard)}\n".encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class ShardRecord:
+    """One sample to write: key, JPEG bytes, label and optional caption and attributes."""
+
+    key: str
+    jpeg: bytes
+    label: int
+    caption: str | None = None
+    attributes: dict[str, Any] | None = None
+
+
+@dataclass
+class ShardWriterState:
+    directory: Path
+    split: str
+    max_per_shard: int
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    _writer: wds.TarWriter | None = None
+    _file: Any = None
+    _count: int = 0
+
+    def write(self, record: ShardRecord) -> None:
+        if "." in record.key:
+            raise ValueError(f"shard keys must not contain dots: {record.key}")
+        if self._writer is None or self._count >= self.max_per_shard:
+            self._close()
+            self._open()
+        sample: dict[str, Any] = {"__key__": record.key, "jpg": record.jpeg, "cls": record.label}
+        if record.caption is not None:
+            sample["txt"] = record.caption
+        if record.attributes is not None:
+            sample["json"] = record.attributes
+        self._writer.write(sample)
+        self._count += 1
+
+    def _open(self) -> None:
+        path = self.directory / (shard_name(self.split, len(self.shards)) + ".tmp")
+        self._file = open(path, "wb")
+        self._writer = wds.TarWriter(self._file, mtime=TAR_MTIME, user="csm", group="csm")
+        self._count = 0
+        self.shards.append({"name": shard_name(self.split, len(self.shards))})
+
+    def _close(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._file.close()
+        final = self.directory / self.shards[-1]["name"]
+        Path(str(final) + ".tmp").replace(final)
+        self.shards[-1].update(samples=self._count, bytes=final.stat().st_size,
+                               sha256=sha256_file(final))
+        self._writer = None
+
+    def close(self) -> list[dict[str, Any]]:
+        self._close()
+        return self.shards
+
+
+def remove_old_shards(directory: Path) -> None:
+    """A re-run replaces a directory's shards; stale higher-numbered shards must not remain."""
+    for split in SPLITS:
+        for old in directory.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+            old.unlink()
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Sample:
+    key: str
+    shard: int  # index of the shard in the list being read
+    position: int  # index of the sample inside its shard
+    image: torch.Tensor | None  # (3, H, W) uint8, None when the image could not be decoded
+    label: int
+    caption: str | None
+
+
+def decode_rgb(data: bytes) -> torch.Tensor:
+    """Decode image bytes (any mode: grey, CMYK, palette) to a (3, H, W) uint8 RGB tensor."""
+    with Image.open(io.BytesIO(data)) as image:
+        array = np.array(image.convert("RGB"))
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def iter_shard(path: Path, shard: int, decode: bool = True) -> Iterator[Sample]:
+    """The samples of one shard in file order; undecodable images come with image=None."""
+    try:
+        raw_samples = wds.tariterators.tarfile_samples([{"url": str(path)}])
+        for position, raw in enumerate(raw_samples):
+            key = raw["__key__"]
+            image = None
+            if decode and "jpg" in raw:
+                try:
+                    image = decode_rgb(raw["jpg"])
+                except Exception as err:  # any decoder failure is a corrupt sample, not a crash
+                    log.debug("corrupt image %s in %s: %s", key, path, err)
+            label = int(raw["cls"].decode()) if "cls" in raw else -1
+            caption = raw["txt"].decode() if "txt" in raw else None
+            yield Sample(key, shard, position, image, label, caption)
+    except (tarfile.TarError, OSError, ValueError) as err:
+        raise PipelineError(f"{path}: unreadable shard ({err}); re-create it") from None
+
+
+class ShardBatches(IterableDataset):
+    """Batches of prepared samples from a shard list, one shard at a time.
+
+    prepare(sample, context) -> dict of tensors, run in the worker for each decodable sample;
+    shard_context(shard_index) -> context, called once per shard in the worker (e.g. to read
+    that shard's HDF5 rows in one slice). Each yielded batch is a dict with "shard", "keys",
+    "positions", the stacked prepared tensors, "corrupt" (keys of undecodable samples) and
+    "last" (True on a shard's final batch). With `order_seed` set, shards and samples within
+    a shard are permuted by (order_seed, epoch); otherwise file order. Shards are dealt to
+    workers round-robin, so the batch sequence is deterministic for a given worker count.
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[Path],
+        batch_size: int,
+        prepare: Callable[[Sample, Any], dict[str, torch.Tensor]],
+        shard_context: Callable[[int], Any] | None = None,
+        order_seed: int | None = None,
+        epoch: int = 0,
+        shard_indices: Sequence[int] | None = None,
+    ) -> None:
+        self.shards = list(shards)
+        self.batch_size = batch_size
+        self.prepare = prepare
+        self.shard_context = shard_context
+        self.order_seed = order_seed
+        self.epoch = epoch
+        self.shard_indices = list(shard_indices) if shard_indices is not None else None
+
+    def shard_order(self) -> list[int]:
+        order = self.shard_indices if self.shard_indices is not None else list(
+            range(len(self.shards)))
+        if self.order_seed is not None:
+            rng = np.random.default_rng([self.order_seed, self.epoch])
+            order = [order[i] for i in rng.permutation(len(order))]
+        return order
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for shard in self.shard_order()[worker::workers]:
+            yield from self.shard_batches(shard)
+
+    def shard_batches(self, shard: int) -> Iterator[dict[str, Any]]:
+        context = self.shard_context(shard) if self.shard_context is not None else None
+        samples: Iterator[Sample] = iter_shard(self.shards[shard], shard)
+        if self.order_seed is not None:
+            listed = list(samples)
+            rng = np.random.default_rng([self.order_seed, self.epoch, shard])
+            samples = iter([listed[i] for i in rng.permutation(len(listed))])
+        pending: list[tuple[Sample, dict[str, torch.Tensor]]] = []
+        corrupt: list[str] = []
+        for sample in samples:
+            if sample.image is None:
+                corrupt.append(sample.key)
+                continue
+            pending.append((sample, self.prepare(sample, context)))
+            if len(pending) == self.batch_size:
+                yield collate(shard, pending, corrupt, last=False)
+                pending, corrupt = [], []
+        yield collate(shard, pending, corrupt, last=True)
+
+
+def collate(shard: int, pending: list, corrupt: list[str], last: bool) -> dict[str, Any]:
+    batch: dict[str, Any] = {
+        "shard": shard,
+        "keys": [s.key for s, _ in pending],
+        "positions": torch.tensor([s.position for s, _ in pending], dtype=torch.long),
+        "labels": torch.tensor([s.label for s, _ in pending], dtype=torch.long),
+        "captions": [s.caption for s, _ in pending],
+        "corrupt": corrupt,
+        "last": last,
+    }
+    if pending:
+        for name in pending[0][1]:
+            batch[name] = torch.stack([prepared[name] for _, prepared in pending])
+    return batch
+
+
+def batch_loader(dataset: ShardBatches, workers: int, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over already-batched shards (workers never exceed the shard count)."""
+    workers = max(0, min(workers, len(dataset.shard_order())))
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=False,
+    )

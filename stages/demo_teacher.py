@@ -1,0 +1,205 @@
+"""`python -m pipeline demo-teacher`: train the tiny demo CLIP on the demo world's captions.
+
+The teacher is an open_clip CLIP built from a JSON model config (a small ViT image tower),
+trained contrastively on a stream of freshly rendered demo images and their captions
+(seeded apart from the shards, so the val shards stay unseen), then saved as fp16
+safetensors beside its config and loaded by every stage through the same path as a real
+CLIP checkpoint. It is trained once and shipped; training resumes from its last
+checkpoint if interrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pipeline import demo_world
+from pipeline.config import DemoTeacherConfig, TeacherConfig, write_resolved
+from pipeline.errors import PipelineError
+from pipeline.features import extract_features, top1, zero_shot_scores
+from pipeline.losses import caption_contrastive_loss
+from pipeline.prompts import anchor_embeddings, build_prompt_set
+from pipeline.shards import list_shards, read_classes
+from pipeline.teacher import Teacher, build_model
+from pipeline.views import apply_view, sample_view_params
+
+log = logging.getLogger(__name__)
+
+CROP_SCALE = (0.5, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+class CaptionStream(Dataset):
+    """Item i: a freshly rendered demo image (random resized crop) and its tokenised caption."""
+
+    def __init__(self, seed: int, length: int, side: int, tokenizer: Any) -> None:
+        self.seed, self.length, self.side, self.tokenizer = seed, length, side, tokenizer
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        pixels, attributes = demo_world.make_image(self.seed, "train", index, self.side)
+        image = torch.from_numpy(pixels).permute(2, 0, 1)
+        rng = np.random.default_rng([self.seed, 7, index])
+        params = sample_view_params(rng, 1, self.side, self.side, CROP_SCALE, CROP_RATIO, False)
+        view = apply_view(image, params[0], self.side)
+        tokens = self.tokenizer([attributes.caption])[0]
+        caption_id = int(hashlib.sha1(attributes.caption.encode()).hexdigest()[:15], 16)
+        return view, tokens, caption_id
+
+
+def learning_rate(step: int, config: DemoTeacherConfig) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only (not gains, biases, embeddings or the logit scale)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        matrix = parameter.ndim >= 2 and "embedding" not in name and "token" not in name
+        (decay if matrix else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def zero_shot_accuracy(teacher: Teacher, config: DemoTeacherConfig) -> dict[str, float]:
+    """Zero-shot top-1 on the val shards with plain and with CPA class anchors."""
+    shards = list_shards(config.shards, "val")
+    classes = read_classes(config.shards)
+    features, labels, _ = extract_features(
+        shards, {"teacher": (teacher.image_size, teacher.encode_image)}, 256, 0, "zero-shot"
+    )
+    results = {}
+    for prompt_set in ("plain", "cpa"):
+        prompts = build_prompt_set(classes, replace(config.prompts, set=prompt_set, anchors="class"))
+        embeddings = teacher.encode_text(list(prompts.prompts))
+        anchors = anchor_embeddings(embeddings, torch.tensor(prompts.prompt_classes),
+                                    prompts.num_classes, "class")
+        scores = zero_shot_scores(features["teacher"], anchors, torch.arange(len(classes)),
+                                  len(classes))
+        results[prompt_set] = top1(scores, labels)
+    return results
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """fp16 safetensors, written under a temporary name and renamed."""
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(path)
+
+
+def run(config: DemoTeacherConfig) -> dict[str, Any]:
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    out = Path(config.out)
+    if out.suffix != ".safetensors":
+        raise PipelineError(f"option --out {out}: the demo teacher is saved as .safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    list_shards(config.shards, "val")  # fail early, before training, if the shards are missing
+    torch.manual_seed(config.seed)
+    architecture = TeacherConfig(model="", pretrained="", checkpoint="", config=config.config)
+    model, tokenizer = build_model(architecture, allow_random=True)
+    side = int(model.visual.image_size[0] if isinstance(model.visual.image_size, tuple)
+               else model.visual.image_size)
+    mean = torch.tensor(model.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(model.visual.preprocess_cfg["std"]).view(1, 3, 1, 1)
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
+                                  betas=(0.9, 0.98), eps=1e-6)
+
+    resume_path = out.with_name(out.name + ".resume.pt")
+    step, elapsed, history = 0, 0.0, []
+    if resume_path.is_file():
+        state = torch.load(resume_path, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed, history = state["step"], state["elapsed"], json.loads(state["history"])
+        log.info("resuming demo-teacher training at step %d", step)
+
+    stream = CaptionStream(config.seed, config.steps * config.batch_size, side, tokenizer)
+    sampler = range(step * config.batch_size, config.steps * config.batch_size)
+    loader = DataLoader(stream, batch_size=config.batch_size, sampler=sampler,
+                        num_workers=config.workers, drop_last=True)
+    model.train()
+    progress = tqdm(total=config.steps, initial=step, desc="demo-teacher", unit="step")
+    started = time.perf_counter() - elapsed
+    for images, tokens, caption_ids in loader:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, config)
+        image_embeddings = F.normalize(model.encode_image((images - mean) / std), dim=-1)
+        text_embeddings = F.normalize(model.encode_text(tokens), dim=-1)
+        terms = caption_contrastive_loss(image_embeddings, text_embeddings, model.logit_scale,
+                                         caption_ids)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        progress.update()
+        progress.set_postfix(loss=f"{terms['loss'].item():.3f}",
+                             scale=f"{model.logit_scale.exp().item():.1f}")
+        if step % 100 == 0 or step == config.steps:
+            history.append({"step": step, "loss": round(terms["loss"].item(), 4)})
+        evaluate_now = config.eval_every and step % config.eval_every == 0 and step < config.steps
+        if evaluate_now or step % 250 == 0:
+            save_weights(model, out)
+            if evaluate_now:
+                accuracy = zero_shot_accuracy(evaluation_teacher(config), config)
+                history[-1].update(accuracy)
+                log.info("step %d: zero-shot plain %.3f, cpa %.3f", step, accuracy["plain"],
+                         accuracy["cpa"])
+                model.train()
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "step": step, "elapsed": time.perf_counter() - started,
+                        "history": json.dumps(history)}, resume_path)
+    progress.close()
+    seconds = time.perf_counter() - started
+    save_weights(model, out)
+    teacher = evaluation_teacher(config)
+    accuracy = zero_shot_accuracy(teacher, config)
+    metrics = {
+        "zero_shot_top1_plain": accuracy["plain"],
+        "zero_shot_top1_cpa": accuracy["cpa"],
+        "steps": config.steps,
+        "batch_size": config.batch_size,
+        "train_seconds": round(seconds, 1),
+        "weights_bytes": out.stat().st_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "identity": teacher.identity,
+        "history": history,
+    }
+    (out.with_suffix(".metrics.json")).write_text(json.dumps(metrics, indent=1) + "\n")
+    write_resolved(config, out.with_suffix(".config.json"))
+    resume_path.unlink(missing_ok=True)
+    print(f"demo teacher {out} ({out.stat().st_size / 1e6:.1f} MB, {seconds / 60:.1f} min): "
+          f"zero-shot top-1 plain {accuracy['plain']:.3f}, cpa {accuracy['cpa']:.3f}")
+    return metrics
+
+
+def evaluation_teacher(config: DemoTeacherConfig) -> Teacher:
+    """The saved weights loaded back through the regular teacher path (c)."""
+    from pipeline.teacher import load_teacher
+
+    return load_teacher(TeacherConfig(model="", pretrained="", checkpoint=config.out,
+                                      config=config.config), device="cpu")
+
+

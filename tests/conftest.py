@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny shards, image folders and configs built from the project's params.yaml."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import load_config, override
+
+ROOT = Path(__file__).resolve().parent.parent
+PARAMS = ROOT / "params.yaml"
+
+
+def stage_config(stage: str, **changes):
+    """The stage's config from params.yaml with dotted-key changes, e.g. {"train.epochs": 1}."""
+    return override(load_config(stage, PARAMS), {k.replace("__", "."): v for k, v in changes.items()})
+
+
+def make_demo_shards(out: Path, train: int = 96, val: int = 48, max_per_shard: int = 32,
+                     seed: int = 0) -> Path:
+    from stages import shards
+
+    shards.run(stage_config("shards", source="demo", out=str(out), train=train, val=val,
+                            max_per_shard=max_per_shard, seed=seed, workers=1))
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> Path:
+    """96 train / 48 val demo images in shards of 32."""
+    return make_demo_shards(tmp_path_factory.mktemp("demo") / "shards")
+
+
+def write_image(path: Path, seed: int, fmt: str = "JPEG", size: tuple[int, int] = (40, 32)) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size[1], 0:size[0]]
+    phase = rng.uniform(0, 6, size=3)
+    pixels = (127 + 100 * np.sin(xx[..., None] / 7 + yy[..., None] / 11 + phase)).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    path.write_bytes(buffer.getvalue())
+    return pixels
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """An ImageNet-style folder: two wnid classes, JPEG and PNG files, one corrupt file."""
+    root = tmp_path / "images"
+    for c, wnid in enumerate(["n02012849", "n03126707"]):
+        for i in range(6):
+            write_image(root / wnid / f"{wnid}_{i}.JPEG", seed=10 * c + i)
+        write_image(root / wnid / f"{wnid}_extra.png", seed=100 + c, fmt="PNG")
+    (root / "n03126707" / "broken.JPEG").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return root

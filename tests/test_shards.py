@@ -1,0 +1,162 @@
+"""Shards: folder and demo sources written, read back, deterministic; corrupt inputs reported."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from pipeline.errors import PipelineError
+from pipeline.shards import ShardBatches, batch_loader, iter_shard, list_shards, read_classes
+from stages import shards as shards_stage
+from tests.conftest import make_demo_shards, stage_config, write_image
+
+
+def folder_config(root, out, **changes):
+    settings = dict(source="folder", root=str(root), out=str(out), val_root="", val_fraction=0.0,
+                    max_per_shard=5, workers=1)
+    return stage_config("shards", **{**settings, **changes})
+
+
+def read_all(directory, split):
+    return [s for i, shard in enumerate(list_shards(directory, split)) for s in iter_shard(shard, i)]
+
+
+def test_folder_round_trip_keys_labels_pixels(image_folder, tmp_path):
+    out = tmp_path / "shards"
+    manifest = shards_stage.run(folder_config(image_folder, out))
+    samples = read_all(out, "train")
+    assert len(samples) == 14  # 2 classes x (6 JPEG + 1 PNG); the broken file is skipped
+    assert len(list_shards(out, "train")) == 3  # 5 + 5 + 4
+    assert all("." not in s.key for s in samples)
+    by_key = {s.key: s for s in samples}
+    jpeg = by_key["n03126707/n03126707_3_JPEG"]
+    assert jpeg.label == 1
+    original = np.asarray(Image.open(image_folder / "n03126707" / "n03126707_3.JPEG").convert("RGB"))
+    assert torch.equal(jpeg.image, torch.from_numpy(original).permute(2, 0, 1))  # bytes kept as is
+    png = by_key["n02012849/n02012849_extra_png"]
+    assert png.label == 0
+    source = np.asarray(Image.open(image_folder / "n02012849" / "n02012849_extra.png").convert("RGB"))
+    error = (png.image.permute(1, 2, 0).float() - torch.from_numpy(source).float()).abs().mean()
+    assert png.image.shape == (3, 32, 40) and error < 25  # re-encoded as JPEG: close, not equal
+    assert manifest["splits"]["train"]["per_class"] == {"0": 7, "1": 7}
+    shard_rows = manifest["splits"]["train"]["shards"]
+    assert [row["samples"] for row in shard_rows] == [5, 5, 4]
+    assert all(len(row["sha256"]) == 64 for row in shard_rows)
+    # labels are mixed across shards, not class-sorted
+    assert len({s.label for s in samples[:5]}) == 2
+
+
+def test_png_is_reencoded_and_jpeg_is_not(image_folder, tmp_path):
+    out = tmp_path / "shards"
+    shards_stage.run(folder_config(image_folder, out))
+    raw = {}
+    for shard in list_shards(out, "train"):
+        for sample in wds.tariterators.tarfile_samples([{"url": str(shard)}]):
+            raw[sample["__key__"]] = sample["jpg"]
+    original = (image_folder / "n02012849" / "n02012849_0.JPEG").read_bytes()
+    assert raw["n02012849/n02012849_0_JPEG"] == original
+    assert Image.open(io.BytesIO(raw["n02012849/n02012849_extra_png"])).format == "JPEG"
+
+
+def test_corrupt_image_is_skipped_and_listed(image_folder, tmp_path):
+    out = tmp_path / "shards"
+    shards_stage.run(folder_config(image_folder, out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [row["path"].endswith("broken.JPEG") for row in manifest["skipped"]] == [True]
+    assert "unreadable image" in manifest["skipped"][0]["reason"]
+
+
+def test_classes_use_imagenet_names_and_contexts(image_folder, tmp_path):
+    out = tmp_path / "shards"
+    shards_stage.run(folder_config(image_folder, out))
+    classes = read_classes(out)
+    assert [c.id for c in classes] == ["n02012849", "n03126707"]
+    assert classes[0].name == classes[1].name == "crane"
+    assert classes[0].contexts != classes[1].contexts  # CPA contexts disambiguate them
+
+
+def test_folder_shards_are_byte_identical_across_runs(image_folder, tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    shards_stage.run(folder_config(image_folder, first, workers=2))
+    shards_stage.run(folder_config(image_folder, second))
+    for a, b in zip(list_shards(first, "train"), list_shards(second, "train"), strict=True):
+        assert a.read_bytes() == b.read_bytes()
+
+
+def test_val_fraction_and_val_root(image_folder, tmp_path):
+    out = tmp_path / "split"
+    manifest = shards_stage.run(folder_config(image_folder, out, val_fraction=0.3))
+    train_keys = {s.key for s in read_all(out, "train")}
+    val_keys = {s.key for s in read_all(out, "val")}
+    assert train_keys and val_keys and not train_keys & val_keys
+    assert len(train_keys) + len(val_keys) == 14
+    assert manifest["splits"]["val"]["samples"] == len(val_keys)
+
+    val_root = tmp_path / "val_images"
+    write_image(val_root / "n03126707" / "v.JPEG", seed=5)
+    out = tmp_path / "with_val_root"
+    shards_stage.run(folder_config(image_folder, out, val_root=str(val_root)))
+    assert [(s.key, s.label) for s in read_all(out, "val")] == [("n03126707/v_JPEG", 1)]
+
+
+def test_missing_or_empty_root_is_a_one_line_error(tmp_path):
+    with pytest.raises(PipelineError, match="not found"):
+        shards_stage.run(folder_config(tmp_path / "nowhere", tmp_path / "out"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PipelineError, match="no class folders"):
+        shards_stage.run(folder_config(tmp_path / "empty", tmp_path / "out"))
+
+
+def test_demo_shards_are_deterministic(tmp_path):
+    a = make_demo_shards(tmp_path / "a", train=40, val=10, max_per_shard=16)
+    b = make_demo_shards(tmp_path / "b", train=40, val=10, max_per_shard=16)
+    c = make_demo_shards(tmp_path / "c", train=40, val=10, max_per_shard=16, seed=1)
+    for split in ("train", "val"):
+        for x, y in zip(list_shards(a, split), list_shards(b, split), strict=True):
+            assert x.read_bytes() == y.read_bytes()
+    assert list_shards(a, "train")[0].read_bytes() != list_shards(c, "train")[0].read_bytes()
+    samples = read_all(a, "train")
+    assert len(samples) == 40 and all(s.caption for s in samples)
+    assert {s.image.shape for s in samples} == {(3, 64, 64)}
+
+
+def test_reader_reports_corrupt_samples_and_keeps_order(tmp_path):
+    shard = tmp_path / "train-000000.tar"
+    good = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(good, format="JPEG")
+    with wds.TarWriter(str(shard)) as writer:
+        for i in range(5):
+            data = b"garbage" if i == 2 else good.getvalue()
+            writer.write({"__key__": f"k{i}", "jpg": data, "cls": i})
+
+    def prepare(sample, context):
+        return {"pixels": sample.image.float()}
+
+    batches = list(ShardBatches([shard], batch_size=2, prepare=prepare))
+    assert [b["keys"] for b in batches] == [["k0", "k1"], ["k3", "k4"], []]
+    assert [b["corrupt"] for b in batches] == [[], ["k2"], []]
+    assert batches[-1]["last"] and not batches[0]["last"]
+    assert batches[0]["pixels"].shape == (2, 3, 8, 8)
+
+
+def test_reader_with_workers_is_deterministic(demo_shards):
+    shards = list_shards(demo_shards, "train")
+
+    def prepare(sample, context):
+        return {"label": torch.tensor(sample.label)}
+
+    def keys(seed):
+        dataset = ShardBatches(shards, 10, prepare, order_seed=seed, epoch=1)
+        return [k for batch in batch_loader(dataset, workers=2) for k in batch["keys"]]
+
+    first, second = keys(3), keys(3)
+    assert first == second and len(first) == 96 and len(set(first)) == 96
+    assert keys(4) != first  # another seed, another order
+    in_order = [k for batch in batch_loader(ShardBatches(shards, 10, prepare), 0) for k in batch["keys"]]
+    assert in_order == sorted(in_order)
