@@ -102,6 +102,7 @@ class PrecomputeConfig:
     batch_size: int = opt("views per teacher forward")
     workers: int = opt("DataLoader workers decoding images")
     device: str = opt("auto, cpu or cuda")
+    precision: str = opt("teacher precision on GPU (CPU always runs fp32)", choices=("bf16", "fp32"))
     metrics: str = opt("metrics JSON file to write")
     teacher: TeacherConfig = opt("the teacher")
     prompts: PromptsConfig = opt("the prompt set")
@@ -165,7 +166,9 @@ class ProbeConfig:
     batch_size: int = opt("images per feature-extraction batch")
     workers: int = opt("DataLoader workers")
     device: str = opt("auto, cpu or cuda")
-    seed: int = opt("seed of the hold-out split and the random-init student")
+    seed: int = opt("seed of the hold-out split")
+    max_train_images: int = opt("fit the probes on at most this many train images (0: all)")
+    teacher: TeacherConfig = opt("the teacher (must be the one the cache records)")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline.shards import Sample, ShardBatches, batch_loader
+from pipeline.shards import Sample, ShardBatches, iterate_batches
 from pipeline.views import CENTER_VIEW, apply_view
 
 
@@ -35,7 +35,7 @@ def extract_features(
     per encoder (N, D) float32 on CPU, the labels (N,) and the keys of corrupt samples.
     """
     sizes = {f"pixels_{size}": size for size, _ in encoders.values()}
-    loader = batch_loader(centre_view_batches(shards, sizes, batch_size), workers)
+    loader = iterate_batches(centre_view_batches(shards, sizes, batch_size), workers)
     features: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
     labels, corrupt = [], []
     progress = tqdm(desc=desc, unit="img", leave=False)

@@ -103,10 +103,25 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def shard_list_digest(shards: Sequence[Path]) -> str:
-    """Digest of shard names, sizes and sha256: changes whenever any shard's content does."""
+    """Digest of shard names, sizes and sha256: changes whenever any shard's content does.
+
+    The sha256 of each shard comes from the manifest beside it when the manifest lists it
+    with the same size (hashing a full ImageNet once more would cost minutes); otherwise the
+    file is hashed.
+    """
+    known: dict[str, tuple[int, str]] = {}
+    for directory in {shard.parent for shard in shards}:
+        manifest = directory / MANIFEST_FILE
+        if manifest.is_file():
+            for split in json.loads(manifest.read_text()).get("splits", {}).values():
+                for row in split.get("shards", []):
+                    known[str(directory / row["name"])] = (row["bytes"], row["sha256"])
     digest = hashlib.sha256()
     for shard in shards:
-        digest.update(f"{shard.name}\0{shard.stat().st_size}\0{sha256_file(shard)}\n".encode())
+        size = shard.stat().st_size
+        listed = known.get(str(shard))
+        sha = listed[1] if listed is not None and listed[0] == size else sha256_file(shard)
+        digest.update(f"{shard.name}\0{size}\0{sha}\n".encode())
     return digest.hexdigest()
 
 
@@ -195,23 +210,35 @@ def decode_rgb(data: bytes) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def iter_shard(path: Path, shard: int, decode: bool = True) -> Iterator[Sample]:
-    """The samples of one shard in file order; undecodable images come with image=None."""
+def iter_raw(path: Path) -> Iterator[dict[str, Any]]:
+    """The undecoded samples of one shard in file order (dicts of bytes by extension)."""
     try:
-        raw_samples = wds.tariterators.tarfile_samples([{"url": str(path)}])
-        for position, raw in enumerate(raw_samples):
-            key = raw["__key__"]
-            image = None
-            if decode and "jpg" in raw:
-                try:
-                    image = decode_rgb(raw["jpg"])
-                except Exception as err:  # any decoder failure is a corrupt sample, not a crash
-                    log.debug("corrupt image %s in %s: %s", key, path, err)
-            label = int(raw["cls"].decode()) if "cls" in raw else -1
-            caption = raw["txt"].decode() if "txt" in raw else None
-            yield Sample(key, shard, position, image, label, caption)
+        yield from wds.tariterators.tarfile_samples([{"url": str(path)}])
     except (tarfile.TarError, OSError, ValueError) as err:
         raise PipelineError(f"{path}: unreadable shard ({err}); re-create it") from None
+
+
+def decode_sample(raw: dict[str, Any], shard: int, position: int) -> Sample:
+    """A Sample from raw bytes; an undecodable image gives image=None (reported, not raised)."""
+    key = raw["__key__"]
+    image = None
+    if "jpg" in raw:
+        try:
+            image = decode_rgb(raw["jpg"])
+        except Exception as err:  # any decoder failure is a corrupt sample, not a crash
+            log.debug("corrupt image %s in shard %d: %s", key, shard, err)
+    try:
+        label = int(raw["cls"].decode()) if "cls" in raw else -1
+    except ValueError:
+        label = -1
+    caption = raw["txt"].decode() if "txt" in raw else None
+    return Sample(key, shard, position, image, label, caption)
+
+
+def iter_shard(path: Path, shard: int) -> Iterator[Sample]:
+    """The decoded samples of one shard in file order."""
+    for position, raw in enumerate(iter_raw(path)):
+        yield decode_sample(raw, shard, position)
 
 
 class ShardBatches(IterableDataset):
@@ -255,26 +282,43 @@ class ShardBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for shard in self.shard_order()[worker::workers]:
-            yield from self.shard_batches(shard)
+        try:
+            for shard in self.shard_order()[worker::workers]:
+                yield from self.shard_batches(shard)
+        except PipelineError as err:
+            # Raised in the main process by `iterate_batches`: a worker's traceback would
+            # otherwise replace the one-line message.
+            yield {"error": str(err)}
 
     def shard_batches(self, shard: int) -> Iterator[dict[str, Any]]:
         context = self.shard_context(shard) if self.shard_context is not None else None
         samples: Iterator[Sample] = iter_shard(self.shards[shard], shard)
         if self.order_seed is not None:
-            listed = list(samples)
+            # Permute the encoded bytes (small), decode in the new order.
+            raw = list(iter_raw(self.shards[shard]))
             rng = np.random.default_rng([self.order_seed, self.epoch, shard])
-            samples = iter([listed[i] for i in rng.permutation(len(listed))])
+            samples = (decode_sample(raw[i], shard, int(i)) for i in rng.permutation(len(raw)))
         pending: list[tuple[Sample, dict[str, torch.Tensor]]] = []
         corrupt: list[str] = []
+        full: dict[str, Any] | None = None  # held back until we know whether it is the last
         for sample in samples:
             if sample.image is None:
                 corrupt.append(sample.key)
                 continue
             pending.append((sample, self.prepare(sample, context)))
             if len(pending) == self.batch_size:
-                yield collate(shard, pending, corrupt, last=False)
+                if full is not None:
+                    yield full
+                full = collate(shard, pending, corrupt, last=False)
                 pending, corrupt = [], []
+        if full is not None and not pending:
+            full["last"] = True
+            full["corrupt"].extend(corrupt)
+            yield full
+            return
+        if full is not None:
+            yield full
+        # A shard yields max(1, ceil(decodable / batch_size)) batches; the final one has last=True.
         yield collate(shard, pending, corrupt, last=True)
 
 
@@ -294,10 +338,12 @@ def collate(shard: int, pending: list, corrupt: list[str], last: bool) -> dict[s
     return batch
 
 
-def batch_loader(dataset: ShardBatches, workers: int, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over already-batched shards (workers never exceed the shard count)."""
+def iterate_batches(
+    dataset: ShardBatches, workers: int, pin_memory: bool = False
+) -> Iterator[dict[str, Any]]:
+    """The dataset's batches through a DataLoader (workers never exceed the shard count)."""
     workers = max(0, min(workers, len(dataset.shard_order())))
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_size=None,
         num_workers=workers,
@@ -305,3 +351,7 @@ def batch_loader(dataset: ShardBatches, workers: int, pin_memory: bool = False) 
         prefetch_factor=4 if workers > 0 else None,
         persistent_workers=False,
     )
+    for batch in loader:
+        if "error" in batch:
+            raise PipelineError(batch["error"])
+        yield batch

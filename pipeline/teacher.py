@@ -38,9 +38,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, precision: str = "bf16") -> contextlib.AbstractContextManager:
     """bf16 autocast on GPU; full precision on CPU (where bf16 is slower and less exact)."""
-    if device.type == "cuda":
+    if device.type == "cuda" and precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -88,8 +88,10 @@ def existing(path: str, option: str) -> Path:
 class Teacher:
     """A frozen CLIP: `encode_image` on [0, 1] pixels, `encode_text` on strings."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, identity: str, device: torch.device):
+    def __init__(self, model: torch.nn.Module, tokenizer, identity: str, device: torch.device,
+                 precision: str = "bf16"):
         self.model = model.eval().requires_grad_(False).to(device)
+        self.precision = precision
         self.tokenizer = tokenizer
         self.identity = identity
         self.device = device
@@ -109,7 +111,7 @@ class Teacher:
         pixels = pixels.to(self.device, non_blocking=True).float()
         if self.device.type == "cuda":
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        with autocast(self.device):
+        with autocast(self.device, self.precision):
             features = self.model.encode_image((pixels - self._mean) / self._std)
         return F.normalize(features.float(), dim=-1)
 
@@ -119,7 +121,7 @@ class Teacher:
         chunks = []
         for start in range(0, len(texts), batch_size):
             tokens = self.tokenizer(texts[start:start + batch_size]).to(self.device)
-            with autocast(self.device):
+            with autocast(self.device, self.precision):
                 chunks.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1))
         if not chunks:
             return torch.empty(0, self.embed_dim)
@@ -180,13 +182,14 @@ def build_model(config: TeacherConfig, allow_random: bool = False) -> tuple[torc
     return open_clip.create_model(name, device="cpu"), tokenizer
 
 
-def load_teacher(config: TeacherConfig, device: str = "auto", allow_random: bool = False) -> Teacher:
+def load_teacher(config: TeacherConfig, device: str = "auto", allow_random: bool = False,
+                 precision: str = "bf16") -> Teacher:
     """Build the frozen teacher of `config` on `device` ('auto': cuda when available)."""
     target = resolve_device(device)
     model, tokenizer = build_model(config, allow_random=allow_random)
     identity = teacher_identity(config) if (config.checkpoint or config.pretrained) else (
         f"{teacher_identity(config)} weights=random")
-    teacher = Teacher(model, tokenizer, identity, target)
+    teacher = Teacher(model, tokenizer, identity, target, precision)
     log.info("teacher %s: image %dpx, embedding %d, on %s", identity, teacher.image_size,
              teacher.embed_dim, target)
     return teacher

@@ -57,3 +57,43 @@ def image_folder(tmp_path) -> Path:
         write_image(root / wnid / f"{wnid}_extra.png", seed=100 + c, fmt="PNG")
     (root / "n03126707" / "broken.JPEG").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     return root
+
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def make_tiny_teacher(directory: Path, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny random open_clip CLIP saved as JSON config + safetensors (teacher path (c))."""
+    import json
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "tiny-clip.json"
+    config.write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(config)
+    torch.manual_seed(seed)
+    model = open_clip.create_model("tiny-clip")
+    weights = directory / "tiny-clip.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    return config, weights
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> tuple[Path, Path]:
+    return make_tiny_teacher(tmp_path_factory.mktemp("teacher"))
+
+
+def precompute_config(shards: Path, out: Path, teacher: tuple[Path, Path], **changes):
+    config, weights = teacher
+    settings = {"shards": str(shards), "out": str(out), "metrics": str(out.parent / "precompute.json"),
+                "teacher.config": str(config), "teacher.checkpoint": str(weights),
+                "workers": 0, "batch_size": 64, "views": 4}
+    settings.update({k.replace("__", "."): v for k, v in changes.items()})
+    return override(load_config("precompute", PARAMS), settings)

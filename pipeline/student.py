@@ -1,0 +1,108 @@
+"""The student: any torchvision classification backbone with a projection head.
+
+The backbone's final linear classifier is replaced by a head: a projection into the
+teacher's embedding space (linear, or Linear-BN-ReLU-Linear), L2-normalised, for CSM; or a
+plain linear classifier for the supervised reference. Input normalisation (ImageNet mean
+and std) lives inside the module, so a checkpoint is self-contained: it takes images in
+[0, 1] at its resolution.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from pipeline.errors import PipelineError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def backbone_without_classifier(arch: str) -> tuple[nn.Module, int]:
+    """A randomly initialised torchvision model whose last Linear is an Identity; its width."""
+    try:
+        model = torchvision.models.get_model(arch, weights=None)
+    except ValueError:
+        raise PipelineError(
+            f"option --arch {arch}: not a torchvision model; see torchvision.models.list_models()"
+        ) from None
+    last_name, last = None, None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last_name, last = name, module
+    if last is None:
+        raise PipelineError(f"option --arch {arch}: has no final Linear classifier to replace")
+    parent = model
+    *path, leaf = last_name.split(".")
+    for part in path:
+        parent = getattr(parent, part)
+    setattr(parent, leaf, nn.Identity())
+    return model, last.in_features
+
+
+def projection_head(kind: str, in_dim: int, out_dim: int, hidden: int) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                             nn.Linear(hidden, out_dim))
+    raise PipelineError(f"option --head {kind}: expected linear or mlp")
+
+
+class Student(nn.Module):
+    """backbone -> pooled features -> head. `normalize_output` for CSM embeddings."""
+
+    def __init__(self, arch: str, out_dim: int, head: str = "mlp", head_hidden: int = 512,
+                 normalize_output: bool = True) -> None:
+        super().__init__()
+        self.backbone, self.feature_dim = backbone_without_classifier(arch)
+        self.head = projection_head(head, self.feature_dim, out_dim, head_hidden)
+        self.normalize_output = normalize_output
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features (before the head) of images in [0, 1]."""
+        return self.backbone((pixels - self.mean) / self.std)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.head(self.features(pixels))
+        return F.normalize(out, dim=-1) if self.normalize_output else out
+
+
+def student_spec(model_config: dict[str, Any]) -> dict[str, Any]:
+    """The keys a checkpoint needs to rebuild its Student."""
+    return {k: model_config[k] for k in ("arch", "out_dim", "head", "head_hidden", "normalize_output")}
+
+
+def build_student(spec: dict[str, Any]) -> Student:
+    return Student(spec["arch"], spec["out_dim"], spec["head"], spec["head_hidden"],
+                   spec["normalize_output"])
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """torch.save under a temporary name, then an atomic rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_student(path: str | Path) -> tuple[Student, dict[str, Any]]:
+    """A student checkpoint (as written by distill or supervised) and its metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: student checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        model = build_student(checkpoint["model"])
+        model.load_state_dict(checkpoint["state_dict"])
+    except (KeyError, RuntimeError, OSError) as err:
+        raise PipelineError(f"{path}: not a student checkpoint ({str(err).splitlines()[0]})") from None
+    return model.eval(), checkpoint

@@ -1,0 +1,91 @@
+"""`python -m pipeline distill`: stage two, the student trained with CSM against the cache.
+
+The loss is KL(p_T || p_S) over the cached anchors (`pipeline.losses.csm_loss`). The cache
+must come from the teacher and prompt set the params name: a different format version,
+teacher identity or anchor digest is refused before any training.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline.cache import TeacherCache
+from pipeline.config import DistillConfig, to_dict, write_resolved
+from pipeline.errors import PipelineError
+from pipeline.losses import csm_loss
+from pipeline.prompts import build_prompt_set, prompt_set_digest
+from pipeline.shards import list_shards, read_classes, shard_list_digest
+from pipeline.student import save_checkpoint
+from pipeline.teacher import teacher_identity
+from pipeline.training import Objective, train, write_history_csv, write_json
+
+log = logging.getLogger(__name__)
+
+
+def check_cache(cache: TeacherCache, config: DistillConfig, shards: list[Path]) -> None:
+    """Refuse a cache that does not hold what the params ask for, saying what differs."""
+    header = cache.header
+    expected_teacher = teacher_identity(config.teacher)
+    if header.teacher_identity != expected_teacher:
+        raise PipelineError(
+            f"{cache.path}: made by teacher '{header.teacher_identity}', but the params ask for "
+            f"'{expected_teacher}'; re-run precompute or fix the teacher options"
+        )
+    prompt_set = build_prompt_set(read_classes(config.train.shards), config.prompts)
+    expected_digest = prompt_set_digest(prompt_set, expected_teacher)
+    if header.prompt_digest != expected_digest:
+        raise PipelineError(
+            f"{cache.path}: anchor digest {header.prompt_digest[:12]} ({header.prompt_set} prompts, "
+            f"{header.anchor_mode} anchors) differs from the params' {expected_digest[:12]} "
+            f"({config.prompts.set} prompts, {config.prompts.anchors} anchors, "
+            f"{len(prompt_set.prompts)} strings); re-run precompute or fix the prompt options"
+        )
+    if cache.shard_names != [s.name for s in shards] or header.shard_digest != shard_list_digest(shards):
+        raise PipelineError(
+            f"{cache.path}: computed over other shards than {config.train.shards}; re-run precompute"
+        )
+
+
+def csm_objective(config: DistillConfig, embed_dim: int) -> Objective:
+    def loss(embeddings, batch: dict[str, Any]):
+        return csm_loss(batch["targets"], embeddings, batch["anchors"], config.tau_teacher,
+                        config.tau_student)
+
+    spec = {"arch": config.train.arch, "out_dim": embed_dim, "head": config.train.head,
+            "head_hidden": config.train.head_hidden, "normalize_output": True}
+    return Objective("distill", spec, loss, needs_targets=True, score_name="agreement")
+
+
+def run(config: DistillConfig) -> dict[str, Any]:
+    if config.tau_teacher <= 0 or config.tau_student <= 0:
+        raise PipelineError("options --tau-teacher and --tau-student must be positive")
+    shards = list_shards(config.train.shards, "train")
+    cache = TeacherCache(config.train.cache)
+    check_cache(cache, config, shards)
+    objective = csm_objective(config, cache.header.embed_dim)
+    model, history = train(config.train, objective, cache, shards, Path(config.run_dir),
+                           {"tau_teacher": config.tau_teacher, "tau_student": config.tau_student})
+    final = history[-1]
+    metrics = {
+        "epochs": len(history),
+        "final_loss": final["loss"],
+        "teacher_agreement_top1": final["agreement"],
+        "images_per_second": sum(h["images_per_second"] for h in history) / len(history),
+    }
+    save_checkpoint(config.out, {
+        "model": objective.model_spec,
+        "state_dict": model.cpu().state_dict(),
+        "image_size": config.train.image_size,
+        "anchor_digest": cache.header.prompt_digest,
+        "teacher_identity": cache.header.teacher_identity,
+        "params": to_dict(config),
+        "metrics": metrics,
+    })
+    write_json(config.metrics, metrics)
+    write_history_csv(config.plot, history)
+    write_resolved(config, Path(config.out).with_suffix(".config.json"))
+    log.info("wrote %s: loss %.4f, teacher agreement %.3f, %.0f images/s", config.out,
+             metrics["final_loss"], metrics["teacher_agreement_top1"], metrics["images_per_second"])
+    return metrics

@@ -1,0 +1,241 @@
+"""`python -m pipeline precompute`: stage one, the teacher once over augmented views.
+
+For every training image, V views are sampled (a function of the seed, the shard and the
+image's position in it), rendered with `apply_view` at the teacher's resolution and
+encoded; their cosine similarities to the anchors are stored with the view parameters.
+Each completed shard is saved as a part file, so a killed run continues after its last
+completed shard; the final cache is joined under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import cache
+from pipeline.config import PrecomputeConfig, write_resolved
+from pipeline.errors import PipelineError
+from pipeline.prompts import anchor_embeddings, build_prompt_set, prompt_set_digest
+from pipeline.shards import (
+    Sample,
+    ShardBatches,
+    iterate_batches,
+    list_shards,
+    read_classes,
+    shard_list_digest,
+)
+from pipeline.teacher import load_teacher
+from pipeline.views import apply_view, sample_view_params, view_rng
+
+log = logging.getLogger(__name__)
+
+
+class ViewRenderer:
+    """Per sample (in a DataLoader worker): V view parameters and the views at the teacher's size."""
+
+    def __init__(self, config: PrecomputeConfig, size: int) -> None:
+        self.config, self.size = config, size
+
+    def __call__(self, sample: Sample, _: Any) -> dict[str, torch.Tensor]:
+        c = self.config
+        _, height, width = sample.image.shape
+        params = sample_view_params(view_rng(c.seed, sample.shard, sample.position), c.views,
+                                    width, height, c.crop_scale, c.crop_ratio, c.flip)
+        views = torch.stack([apply_view(sample.image, p, self.size) for p in params])
+        return {"params": torch.from_numpy(params), "views": views}
+
+
+def check_options(config: PrecomputeConfig) -> None:
+    low, high = config.crop_scale
+    if not 0 < low <= high <= 1:
+        raise PipelineError("option --crop-scale: expected 0 < min <= max <= 1")
+    if not 0 < config.crop_ratio[0] <= config.crop_ratio[1]:
+        raise PipelineError("option --crop-ratio: expected 0 < min <= max")
+    if config.views < 1:
+        raise PipelineError("option --views must be at least 1")
+    if config.topk < 0:
+        raise PipelineError("option --topk must be 0 (all anchors) or positive")
+    if config.batch_size < config.views:
+        raise PipelineError(f"option --batch-size must be at least --views ({config.views})")
+
+
+def run(config: PrecomputeConfig) -> dict[str, Any]:
+    check_options(config)
+    out = Path(config.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shards = list_shards(config.shards, "train")
+    classes = read_classes(config.shards)
+    teacher = load_teacher(config.teacher, config.device, precision=config.precision)
+    prompt_set = build_prompt_set(classes, config.prompts)
+    header = cache.CacheHeader(
+        teacher_identity=teacher.identity,
+        embed_dim=teacher.embed_dim,
+        teacher_image_size=teacher.image_size,
+        teacher_mean=teacher.mean,
+        teacher_std=teacher.std,
+        views_per_image=config.views,
+        crop_scale=config.crop_scale,
+        crop_ratio=config.crop_ratio,
+        flip=config.flip,
+        view_seed=config.seed,
+        prompt_digest=prompt_set_digest(prompt_set, teacher.identity),
+        prompt_set=config.prompts.set,
+        anchor_mode=prompt_set.anchors,
+        num_classes=prompt_set.num_classes,
+        num_anchors=prompt_set.num_anchors,
+        shard_digest=shard_list_digest(shards),
+        topk=min(config.topk, prompt_set.num_anchors),
+        store_embeddings=config.store_embeddings,
+    )
+    resume_or_start(out, header, [s.name for s in shards])
+    done = cache.completed_parts(out, header.shard_digest)
+    todo = [s for s in range(len(shards)) if s not in done]
+    if done:
+        log.info("resuming: %d of %d shards already done", len(done), len(shards))
+
+    prompt_embeddings = teacher.encode_text(list(prompt_set.prompts))
+    prompt_classes = torch.tensor(prompt_set.prompt_classes)
+    anchors = anchor_embeddings(prompt_embeddings.cpu(), prompt_classes, prompt_set.num_classes,
+                                prompt_set.anchors)
+    started = time.perf_counter()
+    images_done = encode_shards(config, teacher, anchors, shards, todo, out, header)
+    corrupt = cache.join_parts(
+        out, header, [s.name for s in shards], prompt_set.prompts, prompt_classes.numpy(),
+        prompt_embeddings.cpu().numpy(), anchors.numpy(), prompt_set.anchor_classes().numpy(),
+    )
+    seconds = time.perf_counter() - started
+    cache.remove_parts(out)
+
+    reader = cache.TeacherCache(out)
+    views = reader.num_images * config.views
+    metrics = {
+        "images": reader.num_images,
+        "views": views,
+        "skipped": len(corrupt),
+        "skipped_keys": corrupt,
+        "seconds": round(seconds, 2),
+        "images_this_run": images_done,
+        "images_per_second": round(images_done / seconds, 1) if seconds > 0 else 0.0,
+        "views_per_second": round(images_done * config.views / seconds, 1) if seconds > 0 else 0.0,
+        "bytes_per_view": round(out.stat().st_size / max(1, views), 1),
+        "file_bytes": out.stat().st_size,
+        "topk": header.topk,
+        "device": str(teacher.device),
+    }
+    write_metrics(config.metrics, metrics)
+    write_resolved(config, out.with_name(out.name + ".config.json"))
+    log.info("wrote %s: %d images x %d views, %.1f images/s, %.0f bytes/view, %d skipped", out,
+             metrics["images"], config.views, metrics["images_per_second"],
+             metrics["bytes_per_view"], len(corrupt))
+    return metrics
+
+
+def resume_or_start(out: Path, header: cache.CacheHeader, shard_names: list[str]) -> None:
+    """Keep the parts of an interrupted run with the same settings; refuse a changed one."""
+    state = {"header": header.to_attrs(), "shards": shard_names}
+    previous = cache.read_state(out)
+    if previous is not None and previous != state:
+        directory = cache.parts_dir(out)
+        if previous["header"]["shard_digest"] != header.shard_digest:
+            raise PipelineError(
+                f"{directory}: a partial run over a different shard list; the shards changed "
+                f"since. Delete {directory} to start over"
+            )
+        changed = sorted(k for k in state["header"] if previous["header"].get(k) != state["header"][k])
+        raise PipelineError(
+            f"{directory}: a partial run with other settings ({', '.join(changed)}); "
+            f"delete {directory} to start over, or run with the same settings"
+        )
+    cache.write_state(out, state)
+
+
+def encode_shards(
+    config: PrecomputeConfig,
+    teacher,
+    anchors: torch.Tensor,
+    shards: list[Path],
+    todo: list[int],
+    out: Path,
+    header: cache.CacheHeader,
+) -> int:
+    """Run the teacher over the views of the shards in `todo`, writing a part per shard."""
+    if not todo:
+        return 0
+    images_per_batch = max(1, config.batch_size // config.views)
+    dataset = ShardBatches(shards, images_per_batch, ViewRenderer(config, teacher.image_size),
+                           shard_indices=todo)
+    anchors_t = anchors.to(teacher.device).T
+    pending: dict[int, dict[str, list]] = {}
+    total = estimated_images(config.shards, [shards[s].name for s in todo])
+    progress = tqdm(total=total, desc="precompute", unit="img")
+    images = 0
+    for batch in iterate_batches(dataset, config.workers, pin_memory=teacher.device.type == "cuda"):
+        buffer = pending.setdefault(batch["shard"], {k: [] for k in
+                                                     ("keys", "positions", "labels", "params",
+                                                      "similarities", "embeddings", "corrupt")})
+        buffer["corrupt"].extend(batch["corrupt"])
+        if batch["keys"]:
+            n = len(batch["keys"])
+            views = batch["views"].flatten(0, 1)
+            embeddings = teacher.encode_image(views)
+            similarities = (embeddings @ anchors_t).cpu()
+            buffer["keys"].extend(batch["keys"])
+            buffer["positions"].append(batch["positions"].numpy())
+            buffer["labels"].append(batch["labels"].numpy())
+            buffer["params"].append(batch["params"].flatten(0, 1).numpy())
+            buffer["similarities"].append(similarities.to(torch.float16).numpy())
+            if config.store_embeddings:
+                buffer["embeddings"].append(embeddings.cpu().to(torch.float16).numpy())
+            images += n
+            progress.update(n)
+        if batch["last"]:
+            write_shard_part(out, batch["shard"], pending.pop(batch["shard"]), header)
+    progress.close()
+    return images
+
+
+def write_shard_part(out: Path, shard: int, buffer: dict[str, list], header: cache.CacheHeader) -> None:
+    K, D = header.num_anchors, header.embed_dim
+
+    def stacked(name: str, empty_shape: tuple[int, ...], dtype) -> np.ndarray:
+        return np.concatenate(buffer[name]) if buffer[name] else np.empty(empty_shape, dtype)
+
+    part = cache.ShardPart(
+        shard=shard,
+        keys=buffer["keys"],
+        positions=stacked("positions", (0,), np.int64),
+        labels=stacked("labels", (0,), np.int64),
+        params=stacked("params", (0, 5), np.float32),
+        similarities=stacked("similarities", (0, K), np.float16),
+        embeddings=stacked("embeddings", (0, D), np.float16) if header.store_embeddings else None,
+        corrupt=buffer["corrupt"],
+    )
+    if buffer["corrupt"]:
+        log.warning("shard %d: skipped %d corrupt sample(s): %s", shard, len(buffer["corrupt"]),
+                    ", ".join(buffer["corrupt"][:5]))
+    cache.write_part(out, part, header)
+
+
+def estimated_images(shard_dir: str, names: list[str]) -> int | None:
+    """Sample count of the given shards from the manifest, for the progress bar."""
+    manifest = Path(shard_dir) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    rows = json.loads(manifest.read_text()).get("splits", {}).get("train", {}).get("shards", [])
+    counts = {row["name"]: row["samples"] for row in rows}
+    return sum(counts.get(name, 0) for name in names) or None
+
+
+def write_metrics(path: str, metrics: dict[str, Any]) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=1) + "\n")
+    tmp.replace(target)

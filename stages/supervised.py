@@ -1,0 +1,60 @@
+"""`python -m pipeline supervised`: the supervised reference (the ceiling of the probe table).
+
+The same student architecture, resolution, views (replayed from the cache), optimiser and
+schedule as distill, trained with cross-entropy on the labels instead of the teacher's
+targets; its backbone is probed like the student's.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline.cache import TeacherCache
+from pipeline.config import SupervisedConfig, to_dict, write_resolved
+from pipeline.errors import PipelineError
+from pipeline.losses import supervised_loss
+from pipeline.shards import list_shards, read_classes
+from pipeline.student import save_checkpoint
+from pipeline.training import Objective, train, write_history_csv, write_json
+
+log = logging.getLogger(__name__)
+
+
+def run(config: SupervisedConfig) -> dict[str, Any]:
+    shards = list_shards(config.train.shards, "train")
+    cache = TeacherCache(config.train.cache)
+    if cache.shard_names != [s.name for s in shards]:
+        raise PipelineError(f"{cache.path}: computed over other shards than {config.train.shards}")
+    if (cache.file["images/label"][:] < 0).any():
+        raise PipelineError(f"{config.train.shards}: unlabelled samples; the supervised reference needs labels")
+    num_classes = len(read_classes(config.train.shards))
+
+    def loss(logits, batch: dict[str, Any]):
+        return supervised_loss(logits, batch["labels"])
+
+    spec = {"arch": config.train.arch, "out_dim": num_classes, "head": "linear",
+            "head_hidden": config.train.head_hidden, "normalize_output": False}
+    objective = Objective("supervised", spec, loss, needs_targets=False, score_name="accuracy")
+    model, history = train(config.train, objective, cache, shards, Path(config.run_dir), {})
+    final = history[-1]
+    metrics = {
+        "epochs": len(history),
+        "final_loss": final["loss"],
+        "train_accuracy": final["accuracy"],
+        "images_per_second": sum(h["images_per_second"] for h in history) / len(history),
+    }
+    save_checkpoint(config.out, {
+        "model": spec,
+        "state_dict": model.cpu().state_dict(),
+        "image_size": config.train.image_size,
+        "params": to_dict(config),
+        "metrics": metrics,
+    })
+    write_json(config.metrics, metrics)
+    write_history_csv(config.plot, history)
+    write_resolved(config, Path(config.out).with_suffix(".config.json"))
+    log.info("wrote %s: loss %.4f, train accuracy %.3f", config.out, metrics["final_loss"],
+             metrics["train_accuracy"])
+    return metrics

@@ -1,0 +1,134 @@
+"""Stage two: the CSM loss by hand, learning on the demo, exact resume, refused caches."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import pytest
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.losses import csm_loss
+from pipeline.student import load_student
+from stages import distill, precompute
+from tests.conftest import ROOT, make_tiny_teacher, precompute_config, stage_config
+
+
+def test_csm_loss_matches_a_hand_computation():
+    s_teacher = torch.tensor([[0.3, 0.1, -0.2]])
+    anchors = torch.eye(3)
+    z_student = torch.tensor([[0.6, 0.8, 0.0]])  # unit norm: cosines to the anchors are 0.6, 0.8, 0
+    tau_t, tau_s = 0.1, 0.5
+    e_t = [math.exp(v / tau_t) for v in (0.3, 0.1, -0.2)]
+    p_t = [v / sum(e_t) for v in e_t]
+    e_s = [math.exp(v / tau_s) for v in (0.6, 0.8, 0.0)]
+    p_s = [v / sum(e_s) for v in e_s]
+    expected = sum(pt * math.log(pt / ps) for pt, ps in zip(p_t, p_s, strict=True))
+    terms = csm_loss(s_teacher, z_student, anchors, tau_t, tau_s)
+    assert terms["loss"].item() == pytest.approx(expected, rel=1e-5)
+    assert terms["agreement"].item() == 0.0  # teacher argmax is anchor 0, student's is anchor 1
+
+
+def test_csm_loss_is_zero_when_student_matches_and_handles_topk():
+    anchors = torch.nn.functional.normalize(torch.randn(4, 6), dim=-1)
+    z = torch.nn.functional.normalize(torch.randn(5, 6), dim=-1)
+    s = z @ anchors.T
+    assert csm_loss(s, z, anchors, 0.07, 0.07)["loss"].item() == pytest.approx(0.0, abs=1e-6)
+    truncated = s.clone()
+    truncated[:, 0] = float("-inf")  # an anchor a top-k cache left out
+    loss = csm_loss(truncated, z, anchors, 0.07, 0.07)["loss"]
+    assert torch.isfinite(loss) and loss.item() > 0
+
+
+@pytest.fixture(scope="module")
+def demo_cache(demo_shards, tiny_teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("distill") / "teacher.h5"
+    precompute.run(precompute_config(demo_shards, out, tiny_teacher))
+    return out
+
+
+def distill_config(shards, cache, teacher, out_dir, **changes):
+    config, weights = teacher
+    settings = {"out": str(out_dir / "student.pt"), "run_dir": str(out_dir / "run"),
+                "metrics": str(out_dir / "distill.json"), "plot": str(out_dir / "distill.csv"),
+                "train.shards": str(shards), "train.cache": str(cache), "train.image_size": 32,
+                "train.batch_size": 16, "train.epochs": 3, "train.workers": 0, "train.lr": 0.002,
+                "train.warmup_epochs": 0.0, "teacher.config": str(config), "teacher.checkpoint": str(weights)}
+    settings.update(changes)
+    return stage_config("distill", **settings)
+
+
+def test_a_few_epochs_lower_the_loss_and_raise_agreement(demo_shards, demo_cache, tiny_teacher, tmp_path):
+    metrics = distill.run(distill_config(demo_shards, demo_cache, tiny_teacher, tmp_path))
+    rows = (tmp_path / "distill.csv").read_text().splitlines()
+    assert rows[0] == "epoch,loss,agreement,lr,images_per_second" and len(rows) == 4
+    first, last = (dict(zip(rows[0].split(","), map(float, r.split(",")), strict=True)) for r in (rows[1], rows[3]))
+    assert last["loss"] < 0.7 * first["loss"]
+    assert last["agreement"] > first["agreement"]
+    assert metrics["epochs"] == 3 and metrics["final_loss"] == pytest.approx(last["loss"], rel=1e-5)
+    checkpoint = torch.load(tmp_path / "student.pt", weights_only=True)
+    assert {"state_dict", "model", "anchor_digest", "params", "image_size"} <= set(checkpoint)
+    model, _ = load_student(tmp_path / "student.pt")
+    embeddings = model(torch.rand(2, 3, 32, 32))
+    assert embeddings.shape == (2, 32)
+    assert torch.allclose(embeddings.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_resume_after_kill_gives_the_same_weights(demo_shards, demo_cache, tiny_teacher, tmp_path):
+    config, weights = tiny_teacher
+    args = [sys.executable, "-m", "pipeline", "distill", "--shards", str(demo_shards), "--cache", str(demo_cache),
+            "--image-size", "32", "--batch-size", "16", "--epochs", "2", "--workers", "1",
+            "--checkpoint-every", "2", "--teacher-config", str(config), "--teacher-checkpoint", str(weights)]
+
+    def outputs(name):
+        d = tmp_path / name
+        return ["--out", str(d / "student.pt"), "--run-dir", str(d / "run"), "--metrics", str(d / "m.json"),
+                "--plot", str(d / "p.csv")]
+
+    process = subprocess.Popen(args + outputs("killed"), cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "run" / "last.pt"
+    deadline = time.time() + 180
+    while time.time() < deadline and not checkpoint.exists():
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run must be killed before it ends"
+    assert not (tmp_path / "killed" / "student.pt").exists()
+    step = torch.load(checkpoint, weights_only=True)["global_step"]
+    assert 0 < step < 12  # 2 epochs x 6 steps
+
+    resumed = subprocess.run(args + outputs("killed"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming distill" in resumed.stderr
+    clean = subprocess.run(args + outputs("clean"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert clean.returncode == 0, clean.stderr
+    a = torch.load(tmp_path / "killed" / "student.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "clean" / "student.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert (tmp_path / "killed" / "p.csv").read_text() .splitlines()[1].split(",")[:3] == \
+        (tmp_path / "clean" / "p.csv").read_text().splitlines()[1].split(",")[:3]
+
+
+def test_mismatched_caches_are_refused(demo_shards, demo_cache, tiny_teacher, tmp_path):
+    other_teacher = make_tiny_teacher(tmp_path / "other", seed=9)
+    with pytest.raises(PipelineError, match="made by teacher"):
+        distill.run(distill_config(demo_shards, demo_cache, other_teacher, tmp_path))
+    with pytest.raises(PipelineError, match="anchor digest.*plain prompts"):
+        distill.run(distill_config(demo_shards, demo_cache, tiny_teacher, tmp_path, **{"prompts.set": "plain"}))
+    old = tmp_path / "old.h5"
+    shutil.copy(demo_cache, old)
+    with h5py.File(old, "a") as f:
+        f.attrs["format_version"] = 0
+    with pytest.raises(PipelineError, match="format version 0"):
+        distill.run(distill_config(demo_shards, old, tiny_teacher, tmp_path))
+    assert not (tmp_path / "student.pt").exists()

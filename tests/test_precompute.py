@@ -1,0 +1,196 @@
+"""Stage one: replayable, deterministic, resumable after kill -9, top-k bounded, corrupt-tolerant."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from pipeline import cache
+from pipeline.errors import PipelineError
+from pipeline.shards import iter_shard, list_shards
+from pipeline.teacher import load_teacher
+from pipeline.views import apply_view
+from stages import inspect as inspect_stage
+from stages import precompute
+from tests.conftest import ROOT, make_demo_shards, precompute_config
+
+
+@pytest.fixture(scope="module")
+def full_cache(demo_shards, tiny_teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache") / "teacher.h5"
+    metrics = precompute.run(precompute_config(demo_shards, out, tiny_teacher))
+    return out, metrics
+
+
+def datasets(path):
+    """Every dataset of an HDF5 file by name, and the root attributes."""
+    found = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: found.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+        attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in f.attrs.items()}
+    return found, attrs
+
+
+def assert_same_file(a, b):
+    data_a, attrs_a = datasets(a)
+    data_b, attrs_b = datasets(b)
+    assert attrs_a == attrs_b
+    assert sorted(data_a) == sorted(data_b)
+    for name in data_a:
+        assert np.array_equal(data_a[name], data_b[name]), name
+
+
+def test_layout_counts_and_metrics(full_cache, demo_shards):
+    out, metrics = full_cache
+    reader = cache.TeacherCache(out)
+    assert reader.num_images == 96 and metrics["images"] == 96 and metrics["views"] == 384
+    assert reader.shard_names == [p.name for p in list_shards(demo_shards, "train")]
+    assert list(reader.image_count) == [32, 32, 32]
+    f = reader.file
+    assert f["views/similarities"].shape == (384, 48) and f["views/similarities"].dtype == np.float16
+    assert f["views/params"].shape == (384, 5)
+    assert np.array_equal(f["views/image"][:], np.repeat(np.arange(96), 4))
+    anchors = f["anchors/embeddings"][:]
+    assert np.allclose(np.linalg.norm(anchors, axis=1), 1, atol=1e-5)
+    for key in ("images", "views", "skipped", "seconds", "images_per_second", "views_per_second",
+                "bytes_per_view"):
+        assert key in metrics
+    assert metrics["bytes_per_view"] == pytest.approx(out.stat().st_size / 384, rel=1e-3)
+    params = f["views/params"][:]
+    assert len(np.unique(params[:, :4], axis=0)) > 300  # views differ
+    assert 0.3 < params[:, 4].mean() < 0.7  # flips happen about half the time
+    assert not (out.parent / "teacher.h5.parts").exists()
+
+
+def test_replay_teacher_on_stored_views(full_cache, demo_shards, tiny_teacher):
+    out, _ = full_cache
+    reader = cache.TeacherCache(out)
+    config, weights = tiny_teacher
+    teacher = load_teacher(precompute_config(demo_shards, out, tiny_teacher).teacher, "cpu")
+    anchors = reader.anchors()
+    shards = list_shards(demo_shards, "train")
+    shard = 1
+    targets = reader.shard_targets(shard)
+    samples = {s.position: s for s in iter_shard(shards[shard], shard)}
+    for row in (0, 7, 31):
+        sample = samples[int(targets.positions[row])]
+        assert sample.key == reader.file["images/key"][32 + row].decode()
+        views = torch.stack([apply_view(sample.image, p, teacher.image_size) for p in targets.params[row]])
+        expected = teacher.encode_image(views) @ anchors.T
+        assert torch.allclose(torch.from_numpy(targets.similarities[row]), expected, atol=2e-3)
+
+
+def test_same_settings_give_identical_files(full_cache, demo_shards, tiny_teacher, tmp_path):
+    again = tmp_path / "again.h5"
+    precompute.run(precompute_config(demo_shards, again, tiny_teacher, workers=2))
+    assert_same_file(full_cache[0], again)
+    other_seed = tmp_path / "seed.h5"
+    precompute.run(precompute_config(demo_shards, other_seed, tiny_teacher, seed=5))
+    with h5py.File(full_cache[0]) as a, h5py.File(other_seed) as b:
+        assert not np.array_equal(a["views/params"][:], b["views/params"][:])
+
+
+def test_topk_reconstruction_error_bound(full_cache, demo_shards, tiny_teacher, tmp_path):
+    out, _ = full_cache
+    k = 5
+    topk_out = tmp_path / "topk.h5"
+    metrics = precompute.run(precompute_config(demo_shards, topk_out, tiny_teacher, topk=k))
+    full, compressed = cache.TeacherCache(out), cache.TeacherCache(topk_out)
+    assert compressed.file["views/topk_index"].shape == (384, k)
+    assert metrics["bytes_per_view"] < json.loads((out.parent / "precompute.json").read_text()
+                                                   )["bytes_per_view"]
+    s_full = torch.from_numpy(full.similarities(slice(None)))
+    s_topk = torch.from_numpy(compressed.similarities(slice(None)))
+    assert (torch.isfinite(s_topk).sum(-1) == k).all()
+    for tau in (0.02, 0.1):
+        p_full = torch.softmax(s_full / tau, -1)
+        p_topk = torch.softmax(s_topk / tau, -1)
+        tv = 0.5 * (p_full - p_topk).abs().sum(-1)
+        bound = cache.topk_mass_outside(s_full, k, tau)
+        assert (tv <= bound + 1e-4).all()
+        # the rule is exact truncation: TV equals the mass outside the top-k
+        assert torch.allclose(tv, bound, atol=1e-4)
+
+
+def test_corrupt_sample_is_skipped_and_listed(tmp_path, tiny_teacher):
+    shards = make_demo_shards(tmp_path / "shards", train=20, val=4, max_per_shard=10)
+    first = list_shards(shards, "train")[0]
+    samples = list(wds.tariterators.tarfile_samples([{"url": str(first)}]))
+    with wds.TarWriter(str(first)) as writer:
+        for i, sample in enumerate(samples):
+            writer.write({"__key__": sample["__key__"], "cls": sample["cls"],
+                          "jpg": b"\xff\xd8 broken" if i == 3 else sample["jpg"]})
+    (shards / "manifest.json").unlink()  # the shard changed: its listed sha256 no longer applies
+    out = tmp_path / "cache.h5"
+    metrics = precompute.run(precompute_config(shards, out, tiny_teacher))
+    assert metrics["skipped"] == 1 and metrics["skipped_keys"] == [samples[3]["__key__"]]
+    assert cache.TeacherCache(out).num_images == 19
+
+
+def test_unreadable_shard_is_a_one_line_error(tmp_path, tiny_teacher):
+    shards = make_demo_shards(tmp_path / "shards", train=20, val=4, max_per_shard=10)
+    broken = list_shards(shards, "train")[1]
+    broken.write_bytes(broken.read_bytes()[:700])
+    (shards / "manifest.json").unlink()
+    with pytest.raises(PipelineError, match="train-000001.tar"):
+        precompute.run(precompute_config(shards, tmp_path / "cache.h5", tiny_teacher))
+    assert not (tmp_path / "cache.h5").exists()
+
+
+def test_changed_shards_since_partial_run_are_refused(tmp_path, tiny_teacher):
+    shards = make_demo_shards(tmp_path / "shards", train=20, val=4, max_per_shard=10)
+    out = tmp_path / "cache.h5"
+    config = precompute_config(shards, out, tiny_teacher)
+    cache.write_state(out, {"header": {"shard_digest": "something else"}, "shards": []})
+    with pytest.raises(PipelineError, match="shards changed"):
+        precompute.run(config)
+
+
+def test_inspect_summary(full_cache):
+    info = inspect_stage.summary(full_cache[0], tau_teacher=0.02)
+    assert info["images"] == 96 and info["views"] == 384 and info["anchors"] == 48
+    assert 1 / 48 <= info["mean_max_probability"] <= 1
+    assert 0 <= info["mean_entropy"] <= info["max_entropy"]
+
+
+def test_resume_after_kill_gives_the_same_file(tmp_path, tiny_teacher):
+    shards = make_demo_shards(tmp_path / "shards", train=480, val=4, max_per_shard=8)
+    config, weights = tiny_teacher
+    out = tmp_path / "killed" / "teacher.h5"
+    args = [sys.executable, "-m", "pipeline", "precompute", "--shards", str(shards), "--out", str(out),
+            "--metrics", str(tmp_path / "m.json"), "--teacher-config", str(config),
+            "--teacher-checkpoint", str(weights), "--workers", "1", "--views", "8",
+            "--batch-size", "64"]
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = out.parent / "teacher.h5.parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(parts.glob("part-*.h5"))) < 3:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    done = len(list(parts.glob("part-*.h5")))
+    assert 3 <= done < 60, "the run must be killed between its first and last shard"
+    assert not out.exists()  # never a partial file at the output path
+
+    resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{done} of 60 shards already done" in resumed.stderr
+    assert not parts.exists()
+
+    uninterrupted = tmp_path / "clean" / "teacher.h5"
+    clean_args = [a if a != str(out) else str(uninterrupted) for a in args]
+    assert subprocess.run(clean_args, cwd=ROOT, capture_output=True, timeout=300).returncode == 0
+    assert_same_file(out, uninterrupted)
+    shutil.rmtree(shards)

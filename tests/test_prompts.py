@@ -1,0 +1,108 @@
+"""Prompt sets, CPA strings, anchors and the prompt-set digest."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline import demo_world
+from pipeline.config import PromptsConfig
+from pipeline.errors import PipelineError
+from pipeline.prompts import anchor_embeddings, build_prompt_set, prompt_set_digest, read_templates
+from pipeline.resources import DATA_DIR, imagenet_by_wnid
+from pipeline.shards import ClassInfo
+from stages.shards import folder_class_info
+
+IMAGENET = PromptsConfig(set="cpa", plain_templates=str(DATA_DIR / "prompts/imagenet_plain.txt"),
+                         cpa_templates=str(DATA_DIR / "prompts/imagenet_cpa.txt"), anchors="class")
+DEMO = PromptsConfig(set="cpa", plain_templates=str(DATA_DIR / "prompts/demo_plain.txt"),
+                     cpa_templates=str(DATA_DIR / "prompts/demo_cpa.txt"), anchors="class")
+
+
+def test_cpa_disambiguates_imagenet_cranes():
+    classes = folder_class_info(["n02012849", "n03126707"])
+    prompts = build_prompt_set(classes, IMAGENET)
+    bird = [p for p, c in zip(prompts.prompts, prompts.prompt_classes, strict=True) if c == 0]
+    machine = [p for p, c in zip(prompts.prompts, prompts.prompt_classes, strict=True) if c == 1]
+    assert len(bird) == len(machine) == 80
+    assert bird[0] == "a bad photo of a crane bird, a type of wading bird."
+    assert machine[0] == "a bad photo of a construction crane, a type of lifting device."
+    assert not set(bird) & set(machine)
+    plain = build_prompt_set(classes, dataclasses.replace(IMAGENET, set="plain"))
+    assert plain.prompts[0] == "a bad photo of a crane bird."
+
+
+def test_cpa_disambiguates_the_maillots_and_missiles():
+    for pair in (["n03710637", "n03710721"], ["n03773504", "n04008634"]):
+        prompts = build_prompt_set(folder_class_info(pair), IMAGENET)
+        assert prompts.prompts[0] != prompts.prompts[80]
+        assert prompts.prompts[0].split(", a type of ")[1] != prompts.prompts[80].split(", a type of ")[1]
+
+
+def test_every_imagenet_class_gets_distinct_cpa_prompts():
+    wnids = sorted(imagenet_by_wnid(), key=lambda w: imagenet_by_wnid()[w]["index"])
+    assert len(wnids) == 1000
+    prompts = build_prompt_set(folder_class_info(wnids), dataclasses.replace(
+        IMAGENET, cpa_templates=str(DATA_DIR / "prompts/demo_cpa.txt")))
+    first_per_class = {}
+    for text, cls in zip(prompts.prompts, prompts.prompt_classes, strict=True):
+        first_per_class.setdefault(cls, text)
+    assert len(set(first_per_class.values())) == 1000
+
+
+def test_demo_cpa_covers_every_context_and_plain_every_template():
+    classes = [ClassInfo(c.index, c.id, c.name, tuple(demo_world.demo_contexts()))
+               for c in demo_world.demo_classes()]
+    cpa = build_prompt_set(classes, DEMO)
+    contexts = len(demo_world.demo_contexts())
+    assert len(cpa.prompts) == len(classes) * contexts * 2
+    assert "a photo of a red star, small, on a dark striped background." in cpa.prompts
+    plain = build_prompt_set(classes, dataclasses.replace(DEMO, set="plain"))
+    assert len(plain.prompts) == len(classes) * 3 and plain.prompts[0] == "a photo of a red circle."
+    assert cpa.num_anchors == len(classes)
+    assert dataclasses.replace(cpa, anchors="prompt").num_anchors == len(cpa.prompts)
+
+
+def test_class_without_context_falls_back_to_plain_templates():
+    prompts = build_prompt_set([ClassInfo(0, "x", "widget")], IMAGENET)
+    assert prompts.prompts[0] == "a bad photo of a widget."
+
+
+def test_anchors_are_unit_norm_means_of_prompt_embeddings():
+    torch.manual_seed(0)
+    embeddings = F.normalize(torch.randn(7, 5), dim=-1)
+    classes = torch.tensor([0, 0, 1, 2, 2, 2, 1])
+    anchors = anchor_embeddings(embeddings, classes, 3, "class")
+    assert torch.allclose(anchors.norm(dim=-1), torch.ones(3), atol=1e-6)
+    for k in range(3):
+        direct = embeddings[classes == k].mean(0)
+        assert torch.allclose(anchors[k], direct / direct.norm(), atol=1e-6)
+    assert torch.allclose(anchor_embeddings(embeddings, classes, 3, "prompt"), embeddings, atol=1e-6)
+    with pytest.raises(PipelineError, match="no prompts"):
+        anchor_embeddings(embeddings, classes, 4, "class")
+
+
+def test_digest_changes_with_templates_anchors_and_teacher(tmp_path):
+    templates = tmp_path / "plain.txt"
+    templates.write_text("a photo of a {name}.\n")
+    config = PromptsConfig(set="plain", plain_templates=str(templates), cpa_templates="", anchors="class")
+    classes = [ClassInfo(0, "a", "cat"), ClassInfo(1, "b", "dog")]
+    digest = prompt_set_digest(build_prompt_set(classes, config), "teacher-1")
+    assert digest == prompt_set_digest(build_prompt_set(classes, config), "teacher-1")
+    assert digest != prompt_set_digest(build_prompt_set(classes, config), "teacher-2")
+    assert digest != prompt_set_digest(build_prompt_set(classes, dataclasses.replace(config, anchors="prompt")),
+                                       "teacher-1")
+    templates.write_text("a picture of a {name}.\n")
+    assert digest != prompt_set_digest(build_prompt_set(classes, config), "teacher-1")
+
+
+def test_bad_templates_name_the_file_and_line(tmp_path):
+    path = tmp_path / "cpa.txt"
+    path.write_text("# comment\na photo of a {name}.\n")
+    with pytest.raises(PipelineError, match=r"cpa.txt:2: template lacks \{context\}"):
+        read_templates(path, ["name", "context"], "--prompts-cpa-templates")
+    with pytest.raises(PipelineError, match="not found"):
+        read_templates(tmp_path / "none.txt", ["name"], "--prompts-plain-templates")
