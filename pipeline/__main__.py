@@ -55,7 +55,10 @@ def root(
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
 ) -> None:
-    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Our loggers at INFO; libraries (open_clip logs on the root logger) only warn unless -v.
+    for name in ("pipeline", "stages"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def leaf_value(config: Any, dotted: str) -> Any:
@@ -161,7 +164,7 @@ def report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     command: Callable[..., Any] = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="python -m pipeline", standalone_mode=False)

@@ -115,6 +115,25 @@ class ShardPart:
     corrupt: list[str] = field(default_factory=list)
 
 
+def stored_bytes_per_view(num_anchors: int, views_per_image: int, topk: int = 0, embed_dim: int = 0,
+                          store_embeddings: bool = False, key_bytes: int = 32) -> float:
+    """Bytes per view of the per-view and per-image datasets, from the layout above.
+
+    views: image index (4) + params (5 x 4) + similarities (K x 2) or top-k (k x (index + 2))
+    + optional embeddings (D x 2); images: key (~key_bytes, variable-length string heap),
+    shard, position, label (3 x 4), shared by the V views of the image. Prompts and anchors are
+    a fixed overhead not counted here.
+    """
+    per_view = 4 + 4 * len(VIEW_FIELDS)
+    if topk:
+        per_view += min(topk, num_anchors) * (topk_index_dtype(num_anchors).itemsize + 2)
+    else:
+        per_view += num_anchors * 2
+    if store_embeddings:
+        per_view += embed_dim * 2
+    return per_view + (key_bytes + 12) / views_per_image
+
+
 def parts_dir(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
 
@@ -298,8 +317,8 @@ class ShardTargets:
 
     positions: np.ndarray  # (n,)
     labels: np.ndarray  # (n,)
-    params: np.ndarray  # (n, V, 5)
-    similarities: np.ndarray  # (n, V, K) float32 (top-k expanded with -inf)
+    params: np.ndarray  # (n, V, 5), or (n, 5) for chosen views
+    similarities: np.ndarray  # (n, V, K) float32, or (n, K) for chosen views (top-k expanded, -inf)
 
     def row_of_position(self) -> dict[int, int]:
         return {int(p): i for i, p in enumerate(self.positions)}
@@ -357,23 +376,31 @@ class TeacherCache:
     def prompts(self) -> list[str]:
         return [s.decode() if isinstance(s, bytes) else s for s in self.file["prompts/text"][:]]
 
-    def shard_targets(self, shard: int) -> ShardTargets:
-        """All rows of one shard, read in one slice per dataset."""
+    def shard_targets(self, shard: int, chosen: np.ndarray | None = None) -> ShardTargets:
+        """A shard's rows, read in one slice per dataset.
+
+        With `chosen` (one view index per image), only those views are kept, so memory holds
+        one view per image whatever V is; otherwise all V views of every image.
+        """
         start, count = int(self.image_start[shard]), int(self.image_count[shard])
         V, K = self.header.views_per_image, self.header.num_anchors
         images = slice(start, start + count)
         views = slice(start * V, (start + count) * V)
+        keep = slice(None) if chosen is None else np.arange(count) * V + chosen
         f = self.file
-        params = f["views/params"][views]
+        params = f["views/params"][views][keep]
         if self.header.topk:
-            similarities = expand_topk(f["views/topk_index"][views], f["views/topk_similarity"][views], K)
+            similarities = expand_topk(f["views/topk_index"][views][keep],
+                                       f["views/topk_similarity"][views][keep], K)
         else:
-            similarities = f["views/similarities"][views].astype(np.float32)
+            similarities = f["views/similarities"][views][keep].astype(np.float32)
+        if chosen is None:
+            params, similarities = params.reshape(count, V, -1), similarities.reshape(count, V, K)
         return ShardTargets(
             positions=f["images/position"][images],
             labels=f["images/label"][images],
-            params=params.reshape(count, V, -1),
-            similarities=similarities.reshape(count, V, K),
+            params=params,
+            similarities=similarities,
         )
 
     def similarities(self, rows: slice | np.ndarray) -> np.ndarray:

@@ -44,9 +44,8 @@ def chosen_views(seed: int, epoch: int, shard: int, count: int, views_per_image:
 
 @dataclass
 class ShardReplay:
-    targets: ShardTargets
+    targets: ShardTargets  # the chosen view of every image of the shard
     row_of_position: dict[int, int]
-    views: np.ndarray
 
 
 class ReplayViews:
@@ -58,10 +57,10 @@ class ReplayViews:
         self.image_size, self.with_targets = image_size, with_targets
 
     def context(self, shard: int) -> ShardReplay:
-        targets = self.cache.shard_targets(shard)
-        views = chosen_views(self.seed, self.epoch, shard, len(targets.positions),
-                             self.cache.header.views_per_image)
-        return ShardReplay(targets, targets.row_of_position(), views)
+        count = int(self.cache.image_count[shard])
+        views = chosen_views(self.seed, self.epoch, shard, count, self.cache.header.views_per_image)
+        targets = self.cache.shard_targets(shard, views)
+        return ShardReplay(targets, targets.row_of_position())
 
     def __call__(self, sample: Sample, replay: ShardReplay) -> dict[str, torch.Tensor]:
         row = replay.row_of_position.get(sample.position)
@@ -70,10 +69,9 @@ class ReplayViews:
                 f"{self.cache.path}: has no rows for sample {sample.key}; the cache was made from "
                 f"other shards, re-run precompute"
             )
-        view = int(replay.views[row])
-        prepared = {"pixels": apply_view(sample.image, replay.targets.params[row, view], self.image_size)}
+        prepared = {"pixels": apply_view(sample.image, replay.targets.params[row], self.image_size)}
         if self.with_targets:
-            prepared["targets"] = torch.from_numpy(replay.targets.similarities[row, view])
+            prepared["targets"] = torch.from_numpy(replay.targets.similarities[row])
         return prepared
 
 
@@ -216,16 +214,7 @@ def train_one_epoch(
         if len(batch["keys"]) >= MIN_BATCH:
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            pixels = batch["pixels"].to(device, non_blocking=True)
-            if device.type == "cuda":
-                pixels = pixels.contiguous(memory_format=torch.channels_last)
-            batch["anchors"] = anchors
-            with autocast(device):
-                output = model(pixels)
-            terms = objective.loss(output.float(), to_device(batch, device))
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            optimizer.step()
+            terms = train_step(model, optimizer, objective, batch, anchors, device)
             n = len(batch["keys"])
             sums["loss"] += terms["loss"].item() * n
             sums["score"] += terms[objective.score_name].item() * n
@@ -255,6 +244,27 @@ def train_one_epoch(
     log.info("%s epoch %d: loss %.4f, %s %.3f, %.0f images/s", objective.name, state.epoch + 1,
              state.history[-1]["loss"], objective.score_name, state.history[-1][objective.score_name],
              state.history[-1]["images_per_second"])
+
+
+def train_step(
+    model: Student,
+    optimizer: torch.optim.Optimizer,
+    objective: Objective,
+    batch: dict[str, Any],
+    anchors: torch.Tensor,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """One optimisation step on a batch (bf16 autocast and channels_last on GPU)."""
+    pixels = batch["pixels"].to(device, non_blocking=True)
+    if device.type == "cuda":
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+    with autocast(device):
+        output = model(pixels)
+    terms = objective.loss(output.float(), {**to_device(batch, device), "anchors": anchors})
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    optimizer.step()
+    return terms
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

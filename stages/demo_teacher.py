@@ -117,7 +117,9 @@ def run(config: DemoTeacherConfig) -> dict[str, Any]:
     list_shards(config.shards, "val")  # fail early, before training, if the shards are missing
     torch.manual_seed(config.seed)
     architecture = TeacherConfig(model="", pretrained="", checkpoint="", config=config.config)
-    model, tokenizer = build_model(architecture, allow_random=True)
+    if config.init:
+        architecture = replace(architecture, checkpoint=config.init)
+    model, tokenizer = build_model(architecture, allow_random=not config.init)
     side = int(model.visual.image_size[0] if isinstance(model.visual.image_size, tuple)
                else model.visual.image_size)
     mean = torch.tensor(model.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1)

@@ -194,3 +194,16 @@ def test_resume_after_kill_gives_the_same_file(tmp_path, tiny_teacher):
     assert subprocess.run(clean_args, cwd=ROOT, capture_output=True, timeout=300).returncode == 0
     assert_same_file(out, uninterrupted)
     shutil.rmtree(shards)
+
+
+def test_bytes_per_view_formula_matches_the_file(full_cache, demo_shards, tiny_teacher, tmp_path):
+    def views_storage(path):
+        with h5py.File(path) as f:
+            return sum(f["views"][name].id.get_storage_size() for name in f["views"]) / f["views/params"].shape[0]
+
+    image_part = (32 + 12) / 4
+    assert views_storage(full_cache[0]) == cache.stored_bytes_per_view(48, 4) - image_part
+    topk_out = tmp_path / "topk.h5"
+    precompute.run(precompute_config(demo_shards, topk_out, tiny_teacher, topk=7, store_embeddings=True))
+    expected = cache.stored_bytes_per_view(48, 4, topk=7, embed_dim=32, store_embeddings=True) - image_part
+    assert views_storage(topk_out) == expected

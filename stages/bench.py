@@ -1,0 +1,360 @@
+"""`python -m pipeline bench`: the cost of caching, measured side by side in one run.
+
+(a) plain student training: the same shards, decoding, view rendering, model and loss
+    shape, against fixed targets (no teacher, no cache);
+(b) cached CSM distillation: the real stage-two data path (shards + HDF5 targets);
+(c) online CSM distillation: the teacher runs on every batch (no cache);
+(d) the bare teacher forward on pre-decoded tensors, against precompute end to end;
+(e) cache bytes per view, full float16 and top-k;
+(f) peak RSS of distillation with the cache at 1x and at 8x its size (views replicated).
+Every number comes from this run; the ratios are what to compare across machines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import multiprocessing
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from pipeline.cache import TeacherCache
+from pipeline.config import BenchConfig, PrecomputeConfig, TrainConfig, write_resolved
+from pipeline.errors import PipelineError
+from pipeline.losses import csm_loss
+from pipeline.prompts import anchor_embeddings
+from pipeline.shards import Sample, ShardBatches, iterate_batches, list_shards
+from pipeline.student import build_student
+from pipeline.teacher import Teacher, load_teacher, resolve_device
+from pipeline.training import Objective, ReplayViews, make_optimizer, train_step
+from pipeline.views import apply_view, sample_view_params, view_rng
+from stages import precompute
+
+log = logging.getLogger(__name__)
+
+CROP_SCALE, CROP_RATIO = (0.35, 1.0), (3 / 4, 4 / 3)
+
+
+class FreshViews:
+    """prepare for plain and online training: a random view per image, sampled on the fly."""
+
+    def __init__(self, sizes: dict[str, int], seed: int = 0) -> None:
+        self.sizes, self.seed = sizes, seed
+
+    def __call__(self, sample: Sample, _: Any) -> dict[str, torch.Tensor]:
+        _, height, width = sample.image.shape
+        params = sample_view_params(view_rng(self.seed, sample.shard, sample.position), 1, width, height,
+                                    CROP_SCALE, CROP_RATIO, True)[0]
+        return {name: apply_view(sample.image, params, size) for name, size in self.sizes.items()}
+
+
+def cycle_batches(make_dataset: Callable[[int], ShardBatches], workers: int) -> Iterator[dict[str, Any]]:
+    """Batches epoch after epoch (skipping batches too small for BatchNorm)."""
+    epoch = 0
+    while True:
+        for batch in iterate_batches(make_dataset(epoch), workers):
+            if len(batch["keys"]) >= 2:
+                yield batch
+        epoch += 1
+
+
+def timed(batches: Iterator[dict[str, Any]], step: Callable[[dict[str, Any]], None], warmup: int,
+          steps: int) -> dict[str, float]:
+    """Images per second over `steps` steps after `warmup` untimed ones (data loading included)."""
+    for _ in range(warmup):
+        step(next(batches))
+    images, started = 0, time.perf_counter()
+    for _ in range(steps):
+        batch = next(batches)
+        step(batch)
+        images += len(batch["keys"])
+    seconds = time.perf_counter() - started
+    return {"images_per_second": images / seconds, "seconds": seconds, "images": images}
+
+
+def student_trainer(config: BenchConfig, out_dim: int, device: torch.device):
+    train_config = TrainConfig(
+        shards=config.shards, cache=config.cache, arch=config.arch, head="mlp", head_hidden=512,
+        image_size=config.image_size, epochs=1, batch_size=config.batch_size, optimizer="adamw", lr=1e-3,
+        weight_decay=0.05, momentum=0.9, warmup_epochs=0.0, seed=0, workers=config.workers,
+        device=config.device, checkpoint_every=0)
+    torch.manual_seed(0)
+    model = build_student({"arch": config.arch, "out_dim": out_dim, "head": "mlp", "head_hidden": 512,
+                           "normalize_output": True}).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    return model, make_optimizer(model, train_config)
+
+
+def csm(embeddings: torch.Tensor, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return csm_loss(batch["targets"], embeddings, batch["anchors"], 0.02, 0.02)
+
+
+OBJECTIVE = Objective("bench", {}, csm, needs_targets=True, score_name="agreement")
+
+
+def measure_training(config: BenchConfig, cache: TeacherCache, teacher: Teacher,
+                     device: torch.device) -> dict[str, dict[str, float]]:
+    shards = list_shards(config.shards, "train")
+    K = cache.header.num_anchors
+    anchors = cache.anchors().to(device)
+    results = {}
+
+    # (a) plain: same shards, decode and view rendering; fixed targets of the same shape.
+    model, optimizer = student_trainer(config, cache.header.embed_dim, device)
+    fixed_targets = torch.randn(config.batch_size, K)
+    plain = cycle_batches(lambda e: ShardBatches(shards, config.batch_size, FreshViews(
+        {"pixels": config.image_size}, e), order_seed=0, epoch=e), config.workers)
+
+    def plain_step(batch):
+        batch["targets"] = fixed_targets[: len(batch["keys"])]
+        train_step(model, optimizer, OBJECTIVE, batch, anchors, device)
+
+    results["plain"] = timed(plain, plain_step, config.warmup_steps, config.steps)
+    log.info("(a) plain training: %.1f images/s", results["plain"]["images_per_second"])
+
+    # (b) cached: the stage-two data path, targets from the HDF5 cache.
+    model, optimizer = student_trainer(config, cache.header.embed_dim, device)
+
+    def cached_dataset(epoch: int) -> ShardBatches:
+        replay = ReplayViews(cache, 0, epoch, config.image_size, with_targets=True)
+        return ShardBatches(shards, config.batch_size, replay, replay.context, order_seed=0, epoch=epoch)
+
+    results["cached"] = timed(cycle_batches(cached_dataset, config.workers),
+                              lambda b: train_step(model, optimizer, OBJECTIVE, b, anchors, device),
+                              config.warmup_steps, config.steps)
+    log.info("(b) cached distillation: %.1f images/s", results["cached"]["images_per_second"])
+
+    # (c) online: the teacher encodes every view (its own resolution) before the student step.
+    prompt_embeddings = teacher.encode_text(cache.prompts())
+    prompt_classes = torch.from_numpy(cache.file["prompts/class"][:].astype(np.int64))
+    online_anchors = anchor_embeddings(prompt_embeddings.cpu(), prompt_classes, cache.header.num_classes,
+                                       cache.header.anchor_mode).to(device)
+    model, optimizer = student_trainer(config, teacher.embed_dim, device)
+    online = cycle_batches(lambda e: ShardBatches(shards, config.batch_size, FreshViews(
+        {"pixels": config.image_size, "teacher_pixels": teacher.image_size}, e), order_seed=0, epoch=e),
+        config.workers)
+
+    def online_step(batch):
+        batch["targets"] = (teacher.encode_image(batch["teacher_pixels"]) @ online_anchors.T).float()
+        train_step(model, optimizer, OBJECTIVE, batch, online_anchors, device)
+
+    results["online"] = timed(online, online_step, config.warmup_steps, config.steps)
+    log.info("(c) online distillation: %.1f images/s", results["online"]["images_per_second"])
+    return results
+
+
+def precompute_batch_size(config: BenchConfig) -> int:
+    """Views per teacher forward in both (d) measurements: 64 images' views."""
+    return 64 * config.views
+
+
+def measure_teacher_forward(config: BenchConfig, teacher: Teacher) -> float:
+    """(d) views/s of the bare teacher on pre-decoded tensors, at precompute's batch size."""
+    batch = precompute_batch_size(config)
+    views = torch.rand(batch, 3, teacher.image_size, teacher.image_size)
+    teacher.encode_image(views)
+    if teacher.device.type == "cuda":
+        torch.cuda.synchronize()
+    started, count = time.perf_counter(), 0
+    while count < max(config.steps, 1) * batch // 2 or time.perf_counter() - started < 2:
+        teacher.encode_image(views)
+        count += len(views)
+    if teacher.device.type == "cuda":
+        torch.cuda.synchronize()
+    return count / (time.perf_counter() - started)
+
+
+def subset_shards(shard_dir: str, count: int, work: Path) -> Path:
+    """A shard directory with the first `count` train shards (links) and the classes file."""
+    subset = work / "shards"
+    subset.mkdir(parents=True)
+    for shard in list_shards(shard_dir, "train")[:count]:
+        (subset / shard.name).symlink_to(shard.resolve())
+    shutil.copy(Path(shard_dir) / "classes.json", subset / "classes.json")
+    return subset
+
+
+def view_storage_bytes(path: Path) -> float:
+    """Bytes per view of the per-view and per-image datasets (without the fixed prompt/anchor part)."""
+    with h5py.File(path, "r") as f:
+        stored = sum(f[group][name].id.get_storage_size() for group in ("views", "images")
+                     for name in f[group])
+        views = f["views/params"].shape[0]
+    return stored / max(1, views)
+
+
+def measure_precompute(config: BenchConfig, work: Path) -> dict[str, Any]:
+    """(d) precompute end to end and (e) bytes per view, on the first shards of the set."""
+    subset = subset_shards(config.shards, config.precompute_shards, work)
+    base = PrecomputeConfig(
+        shards=str(subset), out="", views=config.views, crop_scale=CROP_SCALE, crop_ratio=CROP_RATIO, flip=True,
+        seed=0, topk=0, store_embeddings=False, batch_size=precompute_batch_size(config), workers=config.workers,
+        device=config.device, precision="bf16", metrics="", teacher=config.teacher, prompts=config.prompts)
+    results = {}
+    for name, topk in (("full", 0), ("topk", config.topk)):
+        out = work / f"{name}.h5"
+        metrics = precompute.run(dataclasses.replace(base, out=str(out), topk=topk,
+                                                     metrics=str(work / f"{name}.json")))
+        results[name] = {"views_per_second": metrics["views_per_second"],
+                         "images_per_second": metrics["images_per_second"],
+                         "bytes_per_view_file": metrics["bytes_per_view"],
+                         "bytes_per_view": view_storage_bytes(out)}
+    return results
+
+
+def replicate_views(source: Path, target: Path, factor: int) -> None:
+    """A copy of a cache with every image's views repeated `factor` times (V -> factor x V)."""
+    with h5py.File(source, "r") as src, h5py.File(target, "w") as dst:
+        for name, value in src.attrs.items():
+            dst.attrs[name] = value
+        V = int(src.attrs["views_per_image"])
+        dst.attrs["views_per_image"] = V * factor
+        for group in ("prompts", "anchors", "shards", "images"):
+            src.copy(src[group], dst, group)
+        views = dst.create_group("views")
+        n = src["images/key"].shape[0]
+        for name in src["views"]:
+            data = src["views"][name]
+            shape = (n * V * factor,) + data.shape[1:]
+            out = views.create_dataset(name, shape, dtype=data.dtype, chunks=(min(1024, shape[0]),) + data.shape[1:])
+            block = 256  # images per copy step: memory stays bounded
+            for start in range(0, n, block):
+                rows = data[start * V:min(n, start + block) * V]
+                rows = rows.reshape((-1, V) + data.shape[1:])
+                tiled = np.concatenate([rows] * factor, axis=1).reshape((-1,) + data.shape[1:])
+                out[start * V * factor:start * V * factor + len(tiled)] = tiled
+        views["image"][:] = np.repeat(np.arange(n, dtype=np.int32), V * factor)
+
+
+def rss_child(config: BenchConfig, cache_path: str, queue: multiprocessing.Queue) -> None:
+    """Runs cached distillation steps in a fresh process; reports its peak RSS and its workers'."""
+    device = resolve_device(config.device)
+    cache = TeacherCache(cache_path)
+    shards = list_shards(config.shards, "train")
+    model, optimizer = student_trainer(config, cache.header.embed_dim, device)
+    anchors = cache.anchors().to(device)
+
+    def dataset(epoch: int) -> ShardBatches:
+        replay = ReplayViews(cache, 0, epoch, config.image_size, with_targets=True)
+        return ShardBatches(shards, config.batch_size, replay, replay.context, order_seed=0, epoch=epoch)
+
+    batches = cycle_batches(dataset, config.workers)
+    timed(batches, lambda b: train_step(model, optimizer, OBJECTIVE, b, anchors, device), 0,
+          config.warmup_steps + config.steps)
+    del batches
+    main_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    workers_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    queue.put({"main_mib": main_kib / 1024, "worker_mib": workers_kib / 1024})
+
+
+def measure_rss(config: BenchConfig, work: Path) -> dict[str, Any]:
+    """(f) peak RSS of cached distillation with the cache at 1x and 8x (each in a fresh process)."""
+    big = work / "cache8x.h5"
+    replicate_views(Path(config.cache), big, 8)
+    results = {}
+    context = multiprocessing.get_context("spawn")
+    for name, path in (("1x", config.cache), ("8x", str(big))):
+        queue = context.Queue()
+        child = context.Process(target=rss_child, args=(config, path, queue))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise PipelineError(f"bench: the RSS measurement with the {name} cache failed")
+        peak = queue.get()
+        peak["total_mib"] = peak["main_mib"] + peak["worker_mib"] * max(1, config.workers)
+        peak["cache_bytes"] = Path(path).stat().st_size
+        results[name] = peak
+    return results
+
+
+def run(config: BenchConfig) -> dict[str, Any]:
+    if config.steps < 1 or config.batch_size < 2:
+        raise PipelineError("options --steps must be >= 1 and --batch-size >= 2")
+    device = resolve_device(config.device)
+    cache = TeacherCache(config.cache)
+    teacher = load_teacher(config.teacher, config.device, allow_random=config.random_teacher)
+    started = time.perf_counter()
+    training = measure_training(config, cache, teacher, device)
+    teacher_views_per_second = measure_teacher_forward(config, teacher)
+    with tempfile.TemporaryDirectory(prefix="csm-bench-") as tmp:
+        work = Path(tmp)
+        storage = measure_precompute(config, work / "precompute")
+        rss = measure_rss(config, work) if config.measure_rss else {}
+    result = {
+        "device": str(device),
+        "teacher": teacher.identity,
+        "teacher_image_size": teacher.image_size,
+        "student": f"{config.arch}@{config.image_size}px",
+        "batch_size": config.batch_size,
+        "steps": config.steps,
+        "plain_images_per_second": training["plain"]["images_per_second"],
+        "cached_images_per_second": training["cached"]["images_per_second"],
+        "online_images_per_second": training["online"]["images_per_second"],
+        "teacher_views_per_second": teacher_views_per_second,
+        "precompute_views_per_second": storage["full"]["views_per_second"],
+        "cached_over_plain": training["cached"]["images_per_second"] / training["plain"]["images_per_second"],
+        "online_over_cached_time": training["cached"]["images_per_second"]
+        / training["online"]["images_per_second"],
+        "precompute_over_teacher": storage["full"]["views_per_second"] / teacher_views_per_second,
+        "bytes_per_view_full": storage["full"]["bytes_per_view"],
+        "bytes_per_view_topk": storage["topk"]["bytes_per_view"],
+        "bytes_per_view_full_file": storage["full"]["bytes_per_view_file"],
+        "bytes_per_view_topk_file": storage["topk"]["bytes_per_view_file"],
+        "topk": config.topk,
+        "seconds": 0.0,
+    }
+    if rss:
+        result.update({
+            "peak_rss_mib_1x": rss["1x"]["total_mib"],
+            "peak_rss_mib_8x": rss["8x"]["total_mib"],
+            "rss_growth_8x": rss["8x"]["total_mib"] / rss["1x"]["total_mib"] - 1,
+            "cache_bytes_1x": rss["1x"]["cache_bytes"],
+            "cache_bytes_8x": rss["8x"]["cache_bytes"],
+        })
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    print_table(result)
+    if config.json:
+        Path(config.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_resolved(config, Path(config.json).with_suffix(".config.json"))
+    return result
+
+
+def print_table(r: dict[str, Any]) -> None:
+    print()
+    print(f"bench on {r['device']}: student {r['student']}, batch {r['batch_size']}, {r['steps']} timed steps")
+    print(f"teacher {r['teacher']} ({r['teacher_image_size']}px)")
+    rows = [
+        ("(a) plain training", f"{r['plain_images_per_second']:.1f} img/s"),
+        ("(b) cached CSM distillation", f"{r['cached_images_per_second']:.1f} img/s"),
+        ("(c) online CSM distillation", f"{r['online_images_per_second']:.1f} img/s"),
+        ("(d) bare teacher forward", f"{r['teacher_views_per_second']:.1f} views/s"),
+        ("(d) precompute end to end", f"{r['precompute_views_per_second']:.1f} views/s"),
+        ("(e) cache bytes/view, full fp16", f"{r['bytes_per_view_full']:.1f} B ({r['bytes_per_view_full_file']:.1f} B "
+                                            "with prompts/anchors)"),
+        (f"(e) cache bytes/view, top-{r['topk']}", f"{r['bytes_per_view_topk']:.1f} B "
+                                                  f"({r['bytes_per_view_topk_file']:.1f} B with prompts/anchors)"),
+    ]
+    if "rss_growth_8x" in r:
+        rows.append(("(f) peak RSS, cache 1x / 8x", f"{r['peak_rss_mib_1x']:.0f} / {r['peak_rss_mib_8x']:.0f} MiB"))
+    for label, value in rows:
+        print(f"  {label:<34} {value}")
+    print("ratios:")
+    print(f"  cached_over_plain        {r['cached_over_plain']:.3f}   (b / a)")
+    print(f"  online_over_cached_time  {r['online_over_cached_time']:.3f}   (epoch time of c / b)")
+    print(f"  precompute_over_teacher  {r['precompute_over_teacher']:.3f}   (precompute / bare teacher, views/s)")
+    if "rss_growth_8x" in r:
+        print(f"  rss_growth_8x            {r['rss_growth_8x']:.3f}   (peak RSS 8x / 1x - 1)")
+    print()

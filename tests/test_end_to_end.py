@@ -1,0 +1,136 @@
+"""All stages end to end through the CLI on tiny configurations.
+
+- the demo pipeline with `dvc repro` (the same commands as `make demo`, tiny sizes): runs
+  everything once, then nothing, then only what a changed distill param touches;
+- a fake ImageNet folder with WordNet-id class folders, through the ImageNet params file, so
+  the ImageNet class metadata and CPA prompt path runs end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import yaml
+
+from tests.conftest import ROOT, write_image
+
+PROBE_KEYS = {
+    "teacher": {"linear_top1", "linear_top5", "zeroshot_top1", "zeroshot_top5"},
+    "student": {"linear_top1", "linear_top5", "zeroshot_top1", "zeroshot_top5"},
+    "random_init": {"linear_top1", "linear_top5"},
+    "supervised": {"linear_top1", "linear_top5"},
+}
+
+
+def tiny_demo_params() -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["shards"].update(train=160, val=64, max_per_shard=40, workers=1)
+    params["precompute"].update(views=2, batch_size=64, workers=1)
+    params["train"].update(image_size=32, epochs=1, batch_size=32, workers=1)
+    params["probe"].update(batch_size=64, workers=1)
+    return params
+
+
+def copy_project(target: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if name.startswith("tests/") or not (ROOT / name).is_file():
+            continue
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, target / name)
+
+
+def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(project), "DVC_NO_ANALYTICS": "1"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def ran_stages(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+
+
+def test_dvc_repro_runs_everything_then_nothing_then_only_what_changed(tmp_path):
+    project = tmp_path / "project"
+    copy_project(project)
+    (project / "params.yaml").write_text(yaml.safe_dump(tiny_demo_params(), sort_keys=False))
+    for command in (["git", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"]):
+        subprocess.run(command, cwd=project, check=True)
+
+    first = dvc(project, "repro")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert ran_stages(first.stdout) == ["shards", "precompute", "distill", "supervised", "probe"]
+    assert "student" in first.stdout and "linear top-1" in first.stdout  # the probe table
+
+    metrics = json.loads((project / "metrics/probe.json").read_text())
+    assert {name: set(row) for name, row in metrics.items()} == PROBE_KEYS
+    assert all(0.0 <= v <= 1.0 for row in metrics.values() for v in row.values())
+    for name in ("probe.png", "distill.png", "distill.csv", "supervised.csv"):
+        assert (project / "plots" / name).stat().st_size > 0
+
+    second = dvc(project, "repro")
+    assert second.returncode == 0 and ran_stages(second.stdout) == []
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["distill"]["tau_teacher"] = 0.05
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = dvc(project, "repro")
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert ran_stages(third.stdout) == ["distill", "probe"]
+
+    shown = dvc(project, "metrics", "show")
+    assert shown.returncode == 0 and "metrics/probe.json" in shown.stdout
+
+
+def fake_imagenet(root: Path, wnids: list[str], per_class: int) -> None:
+    for c, wnid in enumerate(wnids):
+        for i in range(per_class):
+            write_image(root / wnid / f"{wnid}_{i}.JPEG", seed=1000 * c + i, size=(48, 40))
+
+
+def test_fake_imagenet_folder_through_the_imagenet_params(tmp_path, tiny_teacher):
+    wnids = ["n01440764", "n02012849", "n03126707", "n03710637"]
+    fake_imagenet(tmp_path / "train", wnids, 12)
+    fake_imagenet(tmp_path / "val", wnids, 3)
+    config, weights = tiny_teacher
+    params = ["--params", str(ROOT / "params/imagenet-vit-b-32.yaml")]
+    teacher = ["--teacher-model", "", "--teacher-pretrained", "", "--teacher-config", str(config),
+               "--teacher-checkpoint", str(weights)]
+    shards, cache, models = tmp_path / "shards", tmp_path / "cache.h5", tmp_path / "models"
+    steps = [
+        ["shards", "--root", str(tmp_path / "train"), "--val-root", str(tmp_path / "val"), "--out", str(shards),
+         "--max-per-shard", "16", "--workers", "1"],
+        ["precompute", "--shards", str(shards), "--out", str(cache), "--metrics", str(tmp_path / "pre.json"),
+         "--views", "2", "--batch-size", "32", "--workers", "1", *teacher],
+        ["distill", "--shards", str(shards), "--cache", str(cache), "--out", str(models / "student.pt"),
+         "--run-dir", str(models / "run"), "--metrics", str(tmp_path / "d.json"), "--plot", str(tmp_path / "d.csv"),
+         "--epochs", "1", "--image-size", "32", "--batch-size", "16", "--workers", "1", *teacher],
+        ["probe", "--shards", str(shards), "--cache", str(cache), "--student", str(models / "student.pt"),
+         "--supervised", "", "--out", str(tmp_path / "probe.json"), "--plots", str(tmp_path / "plots"),
+         "--distill-csv", str(tmp_path / "d.csv"), "--batch-size", "32", "--workers", "1", *teacher],
+    ]
+    for step in steps:
+        result = subprocess.run([sys.executable, "-m", "pipeline", *params, *step], cwd=ROOT, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, f"{step[0]}: {result.stderr[-2000:]}"
+
+    classes = json.loads((shards / "classes.json").read_text())
+    assert [c["id"] for c in classes] == wnids
+    assert classes[1]["name"] == "crane bird" and classes[1]["contexts"] == ["wading bird"]
+    with h5py.File(cache) as f:
+        prompts = [p.decode() for p in f["prompts/text"][:]]
+        assert f["anchors/embeddings"].shape == (4, 32)
+    assert len(prompts) == 4 * 80
+    assert "a bad photo of a crane bird, a type of wading bird." in prompts
+    assert "a bad photo of a construction crane, a type of lifting device." in prompts
+    metrics = json.loads((tmp_path / "probe.json").read_text())
+    assert set(metrics) == {"teacher", "student", "random_init"}

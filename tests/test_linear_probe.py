@@ -1,0 +1,141 @@
+"""The linear probe: accuracy on separable / random problems, the sweep, standardisation, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.linear_probe import DEFAULT_WEIGHT_DECAYS, ProbeResult, linear_probe, topk_accuracy
+
+
+def blobs(n: int, num_classes: int, dim: int, spread: float, seed: int,
+          centres: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gaussian blobs: unit-variance noise around random class centres scaled by `spread`."""
+    generator = torch.Generator().manual_seed(seed)
+    if centres is None:
+        centres = spread * torch.randn(num_classes, dim, generator=generator)
+    labels = torch.randint(0, num_classes, (n,), generator=generator)
+    features = centres[labels] + torch.randn(n, dim, generator=generator)
+    return features, labels, centres
+
+
+def split_blobs(num_classes: int = 10, dim: int = 32, spread: float = 3.0, n_train: int = 1000,
+                n_val: int = 500, seed: int = 0):
+    x_train, y_train, centres = blobs(n_train, num_classes, dim, spread, seed)
+    x_val, y_val, _ = blobs(n_val, num_classes, dim, spread, seed + 1, centres)
+    return x_train, y_train, x_val, y_val
+
+
+def test_separable_blobs_are_solved():
+    x_train, y_train, x_val, y_val = split_blobs(spread=3.0)
+    result = linear_probe(x_train, y_train, x_val, y_val, 10)
+    assert isinstance(result, ProbeResult)
+    assert result.top1 >= 0.99
+    assert result.top5 >= result.top1
+    assert set(result.sweep) == set(DEFAULT_WEIGHT_DECAYS)
+    assert 6 <= len(result.sweep) <= 10
+
+
+def test_random_labels_stay_near_chance():
+    num_classes = 10
+    generator = torch.Generator().manual_seed(3)
+    x_train, x_val = torch.randn(2000, 32, generator=generator), torch.randn(2000, 32, generator=generator)
+    y_train = torch.randint(0, num_classes, (2000,), generator=generator)
+    y_val = torch.randint(0, num_classes, (2000,), generator=generator)
+    result = linear_probe(x_train, y_train, x_val, y_val, num_classes)
+    assert abs(result.top1 - 1 / num_classes) < 0.04
+    assert abs(result.top5 - 5 / num_classes) < 0.06
+    assert result.top5 >= result.top1
+
+
+def test_chosen_weight_decay_is_the_sweep_argmax():
+    # Overlapping blobs in many dimensions with few rows: the regularisation matters.
+    x_train, y_train, x_val, y_val = split_blobs(num_classes=8, dim=64, spread=0.25, n_train=400)
+    decays = [1e-5, 1e-3, 1e-1, 1.0]
+    result = linear_probe(x_train, y_train, x_val, y_val, 8, weight_decays=decays, seed=1)
+    assert set(result.sweep) == set(decays)
+    assert result.weight_decay in result.sweep
+    assert result.sweep[result.weight_decay] == max(result.sweep.values())
+    assert all(0.0 <= acc <= 1.0 for acc in result.sweep.values())
+    assert len(set(result.sweep.values())) > 1  # the sweep is not trivially flat here
+
+
+def test_same_seed_same_result_other_seed_other_split():
+    x_train, y_train, x_val, y_val = split_blobs(num_classes=8, dim=64, spread=0.25, n_train=400)
+    decays = [1e-4, 1e-2, 1.0]
+    first = linear_probe(x_train, y_train, x_val, y_val, 8, weight_decays=decays, seed=5)
+    again = linear_probe(x_train, y_train, x_val, y_val, 8, weight_decays=decays, seed=5)
+    assert first == again
+
+
+def test_scaling_features_does_not_change_accuracy():
+    # Hard enough that top-1 is well below 1, so a different fit would show.
+    x_train, y_train, x_val, y_val = split_blobs(num_classes=10, dim=32, spread=0.35)
+    base = linear_probe(x_train, y_train, x_val, y_val, 10)
+    scaled = linear_probe(1000 * x_train, y_train, 1000 * x_val, y_val, 10)
+    assert 0.3 < base.top1 < 0.95
+    assert scaled.top1 == pytest.approx(base.top1, abs=0.01)
+    assert scaled.weight_decay == base.weight_decay
+
+
+def test_constant_feature_is_harmless():
+    x_train, y_train, x_val, y_val = split_blobs(spread=3.0)
+    x_train[:, 0] = 7.0
+    x_val[:, 0] = -3.0  # differs on val: must not blow up the logits
+    result = linear_probe(x_train, y_train, x_val, y_val, 10, weight_decays=[1e-3])
+    assert result.top1 >= 0.99
+
+
+def test_works_inside_no_grad_and_with_two_classes():
+    x_train, y_train, x_val, y_val = split_blobs(num_classes=2, spread=3.0)
+    with torch.no_grad():
+        result = linear_probe(x_train, y_train, x_val, y_val, 2, weight_decays=[1e-3])
+    assert result.top1 >= 0.99
+    assert result.top5 == 1.0  # top-k with k = min(5, num_classes) = 2
+
+
+def test_topk_accuracy_hand_example():
+    logits = torch.tensor([
+        [0.1, 0.5, 0.3, 0.0],   # order 1, 2, 0, 3
+        [2.0, 1.0, 0.0, -1.0],  # order 0, 1, 2, 3
+        [0.0, 0.2, 0.9, 0.4],   # order 2, 3, 1, 0
+    ])
+    labels = torch.tensor([2, 0, 0])
+    assert topk_accuracy(logits, labels, 1) == pytest.approx(1 / 3)
+    assert topk_accuracy(logits, labels, 2) == pytest.approx(2 / 3)
+    assert topk_accuracy(logits, labels, 3) == pytest.approx(2 / 3)
+    assert topk_accuracy(logits, labels, 4) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="k"):
+        topk_accuracy(logits, labels, 5)
+    with pytest.raises(ValueError, match="labels"):
+        topk_accuracy(logits, labels[:2], 1)
+
+
+def test_errors_name_the_argument():
+    x_train, y_train, x_val, y_val = split_blobs(n_train=50, n_val=20)
+    with pytest.raises(ValueError, match="train_labels"):
+        linear_probe(x_train, y_train[:-1], x_val, y_val, 10)
+    with pytest.raises(ValueError, match="val_features"):
+        linear_probe(x_train, y_train, x_val[:, :-1], y_val, 10)
+    with pytest.raises(ValueError, match="val_labels"):
+        linear_probe(x_train, y_train, x_val, y_val[:, None], 10)
+    with pytest.raises(ValueError, match="train_features"):
+        linear_probe(x_train[:0], y_train[:0], x_val, y_val, 10)
+    with pytest.raises(ValueError, match="train_labels"):
+        linear_probe(x_train, y_train + 10, x_val, y_val, 10)
+    with pytest.raises(ValueError, match="val_labels"):
+        linear_probe(x_train, y_train, x_val, y_val - 1 - y_val.max(), 10)
+    with pytest.raises(ValueError, match="train_labels"):
+        linear_probe(x_train, y_train.float(), x_val, y_val, 10)
+    with pytest.raises(ValueError, match="weight_decays"):
+        linear_probe(x_train, y_train, x_val, y_val, 10, weight_decays=[])
+    with pytest.raises(ValueError, match="weight_decays"):
+        linear_probe(x_train, y_train, x_val, y_val, 10, weight_decays=[-1.0])
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        linear_probe(x_train, y_train, x_val, y_val, 10, holdout_fraction=1.0)
+    with pytest.raises(ValueError, match="num_classes"):
+        linear_probe(x_train, y_train, x_val, y_val, 1)
+    x_nan = x_train.clone()
+    x_nan[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="train_features"):
+        linear_probe(x_nan, y_train, x_val, y_val, 10)
