@@ -20,7 +20,7 @@ import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,7 @@ class FreshViews:
         return {name: apply_view(sample.image, params, size) for name, size in self.sizes.items()}
 
 
-def cycle_batches(make_dataset: Callable[[int], ShardBatches], workers: int) -> Iterator[dict[str, Any]]:
+def cycle_batches(make_dataset: Callable[[int], ShardBatches], workers: int) -> Generator[dict[str, Any], None, None]:
     """Batches epoch after epoch (skipping batches too small for BatchNorm)."""
     epoch = 0
     while True:
@@ -68,7 +68,7 @@ def cycle_batches(make_dataset: Callable[[int], ShardBatches], workers: int) -> 
         epoch += 1
 
 
-def timed(batches: Iterator[dict[str, Any]], step: Callable[[dict[str, Any]], None], warmup: int,
+def timed(batches: Generator[dict[str, Any], None, None], step: Callable[[dict[str, Any]], None], warmup: int,
           steps: int) -> dict[str, float]:
     """Images per second over `steps` steps after `warmup` untimed ones (data loading included)."""
     for _ in range(warmup):
@@ -79,6 +79,7 @@ def timed(batches: Iterator[dict[str, Any]], step: Callable[[dict[str, Any]], No
         step(batch)
         images += len(batch["keys"])
     seconds = time.perf_counter() - started
+    batches.close()  # stops the DataLoader workers: none may run on during the next measurement
     return {"images_per_second": images / seconds, "seconds": seconds, "images": images}
 
 
@@ -250,10 +251,9 @@ def rss_child(config: BenchConfig, cache_path: str, queue: multiprocessing.Queue
         replay = ReplayViews(cache, 0, epoch, config.image_size, with_targets=True)
         return ShardBatches(shards, config.batch_size, replay, replay.context, order_seed=0, epoch=epoch)
 
-    batches = cycle_batches(dataset, config.workers)
-    timed(batches, lambda b: train_step(model, optimizer, OBJECTIVE, b, anchors, device), 0,
+    timed(cycle_batches(dataset, config.workers),
+          lambda b: train_step(model, optimizer, OBJECTIVE, b, anchors, device), 0,
           config.warmup_steps + config.steps)
-    del batches
     main_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     workers_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     queue.put({"main_mib": main_kib / 1024, "worker_mib": workers_kib / 1024})

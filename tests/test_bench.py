@@ -1,0 +1,31 @@
+"""The bench command runs every measurement on a tiny setup and reports the documented keys."""
+
+from __future__ import annotations
+
+import json
+
+from stages import bench, precompute
+from tests.conftest import precompute_config, stage_config
+
+KEYS = {"cached_over_plain", "online_over_cached_time", "precompute_over_teacher", "rss_growth_8x",
+        "bytes_per_view_full", "bytes_per_view_topk"}
+
+
+def test_bench_reports_every_ratio(demo_shards, tiny_teacher, tmp_path, capsys):
+    cache = tmp_path / "teacher.h5"
+    precompute.run(precompute_config(demo_shards, cache, tiny_teacher))
+    config, weights = tiny_teacher
+    out = tmp_path / "bench.json"
+    result = bench.run(stage_config(
+        "bench", shards=str(demo_shards), cache=str(cache), image_size=32, batch_size=16, steps=2, warmup_steps=1,
+        workers=1, topk=4, views=2, precompute_shards=1, json=str(out), **{"teacher.config": str(config),
+                                                                          "teacher.checkpoint": str(weights)}))
+    written = json.loads(out.read_text())
+    assert KEYS <= set(written) and written == json.loads(json.dumps(result))
+    for key in ("plain_images_per_second", "cached_images_per_second", "online_images_per_second",
+                "teacher_views_per_second", "precompute_views_per_second"):
+        assert written[key] > 0
+    assert written["bytes_per_view_topk"] < written["bytes_per_view_full"]
+    assert written["cache_bytes_8x"] > written["cache_bytes_1x"]
+    table = capsys.readouterr().out
+    assert "cached_over_plain" in table and "(f) peak RSS" in table
