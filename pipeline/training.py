@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.cache import ShardTargets, TeacherCache
-from pipeline.config import TrainConfig, to_dict
+from pipeline.config import TrainConfig, to_dict, write_resolved
 from pipeline.errors import PipelineError
 from pipeline.shards import Sample, ShardBatches, iterate_batches
 from pipeline.student import Student, build_student, save_checkpoint
@@ -270,6 +270,25 @@ def train_step(
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()}
+
+
+def write_outputs(config: Any, objective: Objective, model: Student, history: list[dict[str, float]],
+                  metrics: dict[str, Any], extra: dict[str, Any]) -> None:
+    """The final checkpoint, metrics JSON, per-epoch CSV and resolved config of a training stage.
+
+    `config` is a DistillConfig or SupervisedConfig (both have out, metrics, plot and train).
+    """
+    save_checkpoint(config.out, {
+        "model": objective.model_spec,
+        "state_dict": model.cpu().state_dict(),
+        "image_size": config.train.image_size,
+        "params": to_dict(config),
+        "metrics": metrics,
+        **extra,
+    })
+    write_json(config.metrics, metrics)
+    write_history_csv(config.plot, history)
+    write_resolved(config, Path(config.out).with_suffix(".config.json"))
 
 
 def write_history_csv(path: str | Path, history: list[dict[str, float]]) -> None:

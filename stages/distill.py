@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cache import TeacherCache
-from pipeline.config import DistillConfig, to_dict, write_resolved
+from pipeline.config import DistillConfig
 from pipeline.errors import PipelineError
 from pipeline.losses import csm_loss
 from pipeline.prompts import build_prompt_set, prompt_set_digest
 from pipeline.shards import list_shards, read_classes, shard_list_digest
-from pipeline.student import save_checkpoint
 from pipeline.teacher import teacher_identity
-from pipeline.training import Objective, train, write_history_csv, write_json
+from pipeline.training import Objective, train, write_outputs
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +73,10 @@ def run(config: DistillConfig) -> dict[str, Any]:
         "teacher_agreement_top1": final["agreement"],
         "images_per_second": sum(h["images_per_second"] for h in history) / len(history),
     }
-    save_checkpoint(config.out, {
-        "model": objective.model_spec,
-        "state_dict": model.cpu().state_dict(),
-        "image_size": config.train.image_size,
+    write_outputs(config, objective, model, history, metrics, {
         "anchor_digest": cache.header.prompt_digest,
         "teacher_identity": cache.header.teacher_identity,
-        "params": to_dict(config),
-        "metrics": metrics,
     })
-    write_json(config.metrics, metrics)
-    write_history_csv(config.plot, history)
-    write_resolved(config, Path(config.out).with_suffix(".config.json"))
     log.info("wrote %s: loss %.4f, teacher agreement %.3f, %.0f images/s", config.out,
              metrics["final_loss"], metrics["teacher_agreement_top1"], metrics["images_per_second"])
     return metrics

@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cache import TeacherCache
-from pipeline.config import SupervisedConfig, to_dict, write_resolved
+from pipeline.config import SupervisedConfig
 from pipeline.errors import PipelineError
 from pipeline.losses import supervised_loss
 from pipeline.shards import list_shards, read_classes
-from pipeline.student import save_checkpoint
-from pipeline.training import Objective, train, write_history_csv, write_json
+from pipeline.training import Objective, train, write_outputs
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +44,7 @@ def run(config: SupervisedConfig) -> dict[str, Any]:
         "train_accuracy": final["accuracy"],
         "images_per_second": sum(h["images_per_second"] for h in history) / len(history),
     }
-    save_checkpoint(config.out, {
-        "model": spec,
-        "state_dict": model.cpu().state_dict(),
-        "image_size": config.train.image_size,
-        "params": to_dict(config),
-        "metrics": metrics,
-    })
-    write_json(config.metrics, metrics)
-    write_history_csv(config.plot, history)
-    write_resolved(config, Path(config.out).with_suffix(".config.json"))
+    write_outputs(config, objective, model, history, metrics, {})
     log.info("wrote %s: loss %.4f, train accuracy %.3f", config.out, metrics["final_loss"],
              metrics["train_accuracy"])
     return metrics
