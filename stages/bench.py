@@ -91,9 +91,7 @@ def student_trainer(config: BenchConfig, out_dim: int, device: torch.device):
         device=config.device, checkpoint_every=0)
     torch.manual_seed(0)
     model = build_student({"arch": config.arch, "out_dim": out_dim, "head": "mlp", "head_hidden": 512,
-                           "normalize_output": True}).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+                           "normalize_output": True}).to(device, memory_format=torch.channels_last)
     model.train()
     return model, make_optimizer(model, train_config)
 

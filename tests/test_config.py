@@ -37,9 +37,9 @@ def test_override_checks_types_and_choices():
 
 def test_unknown_and_missing_keys_are_errors(tmp_path):
     text = PARAMS.read_text()
-    (tmp_path / "extra.yaml").write_text(text.replace("  views: 8", "  views: 8\n  veiws: 3"))
-    with pytest.raises(PipelineError, match="unknown key.*veiws"):
+    (tmp_path / "extra.yaml").write_text(text.replace("  store_embeddings: false", "  store_embedings: false"))
+    with pytest.raises(PipelineError, match="unknown key.*store_embedings"):
         load_config("precompute", tmp_path / "extra.yaml")
-    (tmp_path / "missing.yaml").write_text(text.replace("  views: 8\n", ""))
-    with pytest.raises(PipelineError, match="precompute.views is missing"):
+    (tmp_path / "missing.yaml").write_text(text.replace("  store_embeddings: false\n", ""))
+    with pytest.raises(PipelineError, match="precompute.store_embeddings is missing"):
         load_config("precompute", tmp_path / "missing.yaml")

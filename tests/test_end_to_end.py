@@ -81,7 +81,7 @@ def test_dvc_repro_runs_everything_then_nothing_then_only_what_changed(tmp_path)
     assert second.returncode == 0 and ran_stages(second.stdout) == []
 
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["distill"]["tau_teacher"] = 0.05
+    params["distill"]["tau_teacher"] = params["distill"]["tau_teacher"] * 2
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = dvc(project, "repro")
     assert third.returncode == 0, third.stdout + third.stderr
