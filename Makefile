@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# dvc runs the stage commands (`python -m pipeline ...`) with the venv's python first on PATH.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: demo test lint setup clean
 
