@@ -103,7 +103,8 @@ class PrecomputeConfig:
     batch_size: int = opt("views per teacher forward")
     workers: int = opt("DataLoader workers decoding images")
     device: str = opt("auto, cpu or cuda")
-    precision: str = opt("teacher precision on GPU (CPU always runs fp32)", choices=("bf16", "fp32"))
+    precision: str = opt("teacher precision: bf16 autocast on GPU and on CPUs with native bf16, or fp32",
+                         choices=("bf16", "fp32"))
     metrics: str = opt("metrics JSON file to write")
     teacher: TeacherConfig = opt("the teacher")
     prompts: PromptsConfig = opt("the prompt set")

@@ -4,7 +4,7 @@ The backbone's final linear classifier is replaced by a head: a projection into 
 teacher's embedding space (linear, or Linear-BN-ReLU-Linear), L2-normalised, for CSM; or a
 plain linear classifier for the supervised reference. Input normalisation (ImageNet mean
 and std) lives inside the module, so a checkpoint is self-contained: it takes images in
-[0, 1] at its resolution.
+[0, 1] (or uint8 views) at its resolution.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torchvision
 from torch import nn
 
 from pipeline.errors import PipelineError
+from pipeline.views import to_unit_range
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -67,8 +68,8 @@ class Student(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features (before the head) of images in [0, 1]."""
-        return self.backbone((pixels - self.mean) / self.std)
+        """Pooled backbone features (before the head) of uint8 views or images in [0, 1]."""
+        return self.backbone((to_unit_range(pixels) - self.mean) / self.std)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.head(self.features(pixels))

@@ -30,7 +30,7 @@ from pipeline.errors import PipelineError
 from pipeline.shards import Sample, ShardBatches, iterate_batches
 from pipeline.student import Student, build_student, save_checkpoint
 from pipeline.teacher import autocast, resolve_device
-from pipeline.views import apply_view
+from pipeline.views import apply_view, to_unit_range
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,8 @@ def train_step(
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
     """One optimisation step on a batch (channels_last; bf16 autocast on GPU)."""
-    pixels = batch["pixels"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    pixels = to_unit_range(batch["pixels"].to(device, non_blocking=True)).contiguous(
+        memory_format=torch.channels_last)
     with autocast(device):
         output = model(pixels)
     terms = objective.loss(output.float(), {**to_device(batch, device), "anchors": anchors})

@@ -79,14 +79,23 @@ def crop_box(params: np.ndarray | torch.Tensor, width: int, height: int) -> tupl
 def apply_view(image: torch.Tensor, params: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
     """The view of a (3, H, W) uint8 image: crop, resize to (size, size), flip.
 
-    Returns float32 in [0, 1] (bilinear, antialiased). The single definition both stages use.
+    Returns a (3, size, size) uint8 image (bilinear, antialiased). The single definition both
+    stages use; models take uint8 views and scale them to [0, 1] themselves (`to_unit_range`),
+    which keeps DataLoader transfers at one byte per value.
     """
     _, height, width = image.shape
     left, top, box_w, box_h = crop_box(params, width, height)
-    crop = image[:, top:top + box_h, left:left + box_w].float().div_(255.0)
-    if crop.shape[1:] != (size, size):
-        crop = F.interpolate(crop[None], size=(size, size), mode="bilinear",
-                             align_corners=False, antialias=True)[0]
+    view = image[:, top:top + box_h, left:left + box_w]
+    if view.shape[1:] != (size, size):
+        view = F.interpolate(view[None], size=(size, size), mode="bilinear", align_corners=False,
+                             antialias=True)[0]
     if float(params[4]) >= 0.5:
-        crop = crop.flip(-1)
-    return crop.clamp_(0.0, 1.0)
+        view = view.flip(-1)
+    return view.contiguous()
+
+
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 views -> float32 in [0, 1]; float input is taken as already in [0, 1]."""
+    if pixels.dtype == torch.uint8:
+        return pixels.float().div_(255.0)
+    return pixels.float()

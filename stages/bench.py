@@ -103,54 +103,68 @@ def csm(embeddings: torch.Tensor, batch: dict[str, Any]) -> dict[str, torch.Tens
 OBJECTIVE = Objective("bench", {}, csm, needs_targets=True, score_name="agreement")
 
 
+ROUNDS = 2  # every measurement runs in two rounds, interleaved (a b c a b c): drift hits all alike
+
+
 def measure_training(config: BenchConfig, cache: TeacherCache, teacher: Teacher,
                      device: torch.device) -> dict[str, dict[str, float]]:
+    """(a), (b) and (c) in interleaved rounds of steps/ROUNDS timed steps each."""
     shards = list_shards(config.shards, "train")
-    K = cache.header.num_anchors
     anchors = cache.anchors().to(device)
-    results = {}
 
     # (a) plain: same shards, decode and view rendering; fixed targets of the same shape.
-    model, optimizer = student_trainer(config, cache.header.embed_dim, device)
-    fixed_targets = torch.randn(config.batch_size, K)
-    plain = cycle_batches(lambda e: ShardBatches(shards, config.batch_size, FreshViews(
-        {"pixels": config.image_size}, e), order_seed=0, epoch=e), config.workers)
+    plain_model, plain_optimizer = student_trainer(config, cache.header.embed_dim, device)
+    fixed_targets = torch.randn(config.batch_size, cache.header.num_anchors)
+
+    def plain_batches(round_: int):
+        return cycle_batches(lambda e: ShardBatches(shards, config.batch_size, FreshViews(
+            {"pixels": config.image_size}, e), order_seed=round_, epoch=e), config.workers)
 
     def plain_step(batch):
         batch["targets"] = fixed_targets[: len(batch["keys"])]
-        train_step(model, optimizer, OBJECTIVE, batch, anchors, device)
-
-    results["plain"] = timed(plain, plain_step, config.warmup_steps, config.steps)
-    log.info("(a) plain training: %.1f images/s", results["plain"]["images_per_second"])
+        train_step(plain_model, plain_optimizer, OBJECTIVE, batch, anchors, device)
 
     # (b) cached: the stage-two data path, targets from the HDF5 cache.
-    model, optimizer = student_trainer(config, cache.header.embed_dim, device)
+    cached_model, cached_optimizer = student_trainer(config, cache.header.embed_dim, device)
 
-    def cached_dataset(epoch: int) -> ShardBatches:
-        replay = ReplayViews(cache, 0, epoch, config.image_size, with_targets=True)
-        return ShardBatches(shards, config.batch_size, replay, replay.context, order_seed=0, epoch=epoch)
+    def cached_batches(round_: int):
+        def dataset(epoch: int) -> ShardBatches:
+            replay = ReplayViews(cache, 0, epoch, config.image_size, with_targets=True)
+            return ShardBatches(shards, config.batch_size, replay, replay.context, order_seed=round_, epoch=epoch)
+        return cycle_batches(dataset, config.workers)
 
-    results["cached"] = timed(cycle_batches(cached_dataset, config.workers),
-                              lambda b: train_step(model, optimizer, OBJECTIVE, b, anchors, device),
-                              config.warmup_steps, config.steps)
-    log.info("(b) cached distillation: %.1f images/s", results["cached"]["images_per_second"])
+    def cached_step(batch):
+        train_step(cached_model, cached_optimizer, OBJECTIVE, batch, anchors, device)
 
     # (c) online: the teacher encodes every view (its own resolution) before the student step.
     prompt_embeddings = teacher.encode_text(cache.prompts())
     prompt_classes = torch.from_numpy(cache.file["prompts/class"][:].astype(np.int64))
     online_anchors = anchor_embeddings(prompt_embeddings.cpu(), prompt_classes, cache.header.num_classes,
                                        cache.header.anchor_mode).to(device)
-    model, optimizer = student_trainer(config, teacher.embed_dim, device)
-    online = cycle_batches(lambda e: ShardBatches(shards, config.batch_size, FreshViews(
-        {"pixels": config.image_size, "teacher_pixels": teacher.image_size}, e), order_seed=0, epoch=e),
-        config.workers)
+    online_model, online_optimizer = student_trainer(config, teacher.embed_dim, device)
+
+    def online_batches(round_: int):
+        return cycle_batches(lambda e: ShardBatches(shards, config.batch_size, FreshViews(
+            {"pixels": config.image_size, "teacher_pixels": teacher.image_size}, e), order_seed=round_, epoch=e),
+            config.workers)
 
     def online_step(batch):
         batch["targets"] = (teacher.encode_image(batch["teacher_pixels"]) @ online_anchors.T).float()
-        train_step(model, optimizer, OBJECTIVE, batch, online_anchors, device)
+        train_step(online_model, online_optimizer, OBJECTIVE, batch, online_anchors, device)
 
-    results["online"] = timed(online, online_step, config.warmup_steps, config.steps)
-    log.info("(c) online distillation: %.1f images/s", results["online"]["images_per_second"])
+    kinds = {"plain": (plain_batches, plain_step), "cached": (cached_batches, cached_step),
+             "online": (online_batches, online_step)}
+    totals = {name: {"images": 0, "seconds": 0.0} for name in kinds}
+    steps = max(1, config.steps // ROUNDS)
+    for round_ in range(ROUNDS):
+        for name, (batches, step) in kinds.items():
+            result = timed(batches(round_), step, config.warmup_steps, steps)
+            totals[name]["images"] += result["images"]
+            totals[name]["seconds"] += result["seconds"]
+    results = {name: {**t, "images_per_second": t["images"] / t["seconds"]} for name, t in totals.items()}
+    for label, name in (("(a) plain training", "plain"), ("(b) cached distillation", "cached"),
+                        ("(c) online distillation", "online")):
+        log.info("%s: %.1f images/s", label, results[name]["images_per_second"])
     return results
 
 
@@ -285,10 +299,14 @@ def run(config: BenchConfig) -> dict[str, Any]:
     teacher = load_teacher(config.teacher, config.device, allow_random=config.random_teacher)
     started = time.perf_counter()
     training = measure_training(config, cache, teacher, device)
-    teacher_views_per_second = measure_teacher_forward(config, teacher)
     with tempfile.TemporaryDirectory(prefix="csm-bench-") as tmp:
         work = Path(tmp)
+        # The bare teacher is timed right before and right after precompute: their mean is
+        # what precompute is compared with, so a drifting machine does not skew the ratio.
+        before = measure_teacher_forward(config, teacher)
         storage = measure_precompute(config, work / "precompute")
+        after = measure_teacher_forward(config, teacher)
+        teacher_views_per_second = (before + after) / 2
         rss = measure_rss(config, work) if config.measure_rss else {}
     result = {
         "device": str(device),
@@ -301,6 +319,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
         "cached_images_per_second": training["cached"]["images_per_second"],
         "online_images_per_second": training["online"]["images_per_second"],
         "teacher_views_per_second": teacher_views_per_second,
+        "teacher_views_per_second_before_after": [before, after],
         "precompute_views_per_second": storage["full"]["views_per_second"],
         "cached_over_plain": training["cached"]["images_per_second"] / training["plain"]["images_per_second"],
         "online_over_cached_time": training["cached"]["images_per_second"]

@@ -1,0 +1,52 @@
+"""Views: sampled parameters are reproducible and valid; apply_view replays them exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.views import CENTER_VIEW, apply_view, crop_box, sample_view_params, to_unit_range, view_rng
+
+
+def test_same_seed_same_parameters_and_they_vary():
+    a = sample_view_params(view_rng(0, 2, 5), 8, 64, 48, (0.35, 1.0), (0.75, 4 / 3), True)
+    b = sample_view_params(view_rng(0, 2, 5), 8, 64, 48, (0.35, 1.0), (0.75, 4 / 3), True)
+    c = sample_view_params(view_rng(1, 2, 5), 8, 64, 48, (0.35, 1.0), (0.75, 4 / 3), True)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert a.shape == (8, 5) and a.dtype == np.float32
+    assert len(np.unique(a[:, :4], axis=0)) == 8
+
+
+def test_parameters_stay_inside_the_image_and_respect_the_ranges():
+    rng = np.random.default_rng(0)
+    params = sample_view_params(rng, 2000, 64, 64, (0.35, 1.0), (0.75, 4 / 3), True)
+    x0, y0, w, h, flip = params.T
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= 1 + 1e-6).all() and (y0 + h <= 1 + 1e-6).all()
+    area = w * h
+    assert area.min() >= 0.35 - 0.03 and area.max() <= 1.0
+    assert set(np.unique(flip)) == {0.0, 1.0}
+    no_flip = sample_view_params(rng, 50, 64, 64, (0.35, 1.0), (0.75, 4 / 3), False)
+    assert (no_flip[:, 4] == 0).all()
+
+
+def test_apply_view_crops_resizes_and_flips_exactly():
+    image = torch.arange(3 * 40 * 60, dtype=torch.int64).reshape(3, 40, 60).remainder(251).to(torch.uint8)
+    params = np.array([0.25, 0.5, 0.5, 0.25, 1.0], dtype=np.float32)
+    assert crop_box(params, 60, 40) == (15, 20, 30, 10)
+    view = apply_view(image, params, 16)
+    crop = image[:, 20:30, 15:45]
+    expected = F.interpolate(crop[None], size=(16, 16), mode="bilinear", align_corners=False, antialias=True)[0]
+    assert view.dtype == torch.uint8 and torch.equal(view, expected.flip(-1))
+
+
+def test_centre_view_is_the_whole_image_resized():
+    image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
+    assert torch.equal(apply_view(image, CENTER_VIEW, 64), image)
+    assert apply_view(image, CENTER_VIEW, 32).shape == (3, 32, 32)
+
+
+def test_unit_range():
+    pixels = torch.tensor([0, 255], dtype=torch.uint8)
+    assert torch.equal(to_unit_range(pixels), torch.tensor([0.0, 1.0]))
+    assert torch.equal(to_unit_range(torch.tensor([0.5])), torch.tensor([0.5]))
