@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from pipeline.config import TeacherConfig
 from pipeline.errors import PipelineError
 from pipeline.shards import sha256_file
-from pipeline.views import to_unit_range
 
 log = logging.getLogger(__name__)
 
@@ -120,17 +119,21 @@ class Teacher:
         self.std = tuple(float(v) for v in preprocess["std"])
         self.embed_dim = int(model.text_projection.shape[1] if hasattr(model, "text_projection")
                              and model.text_projection is not None else model.visual.output_dim)
-        self._mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
-        self._std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+        # (pixels / 255 - mean) / std as one scale and one shift: two in-place passes, not four
+        std_t = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+        self._shift = torch.tensor(self.mean, device=device).view(1, 3, 1, 1) / std_t
+        self._scale = {torch.uint8: 1.0 / (255.0 * std_t), torch.float32: 1.0 / std_t}
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) uint8 views (or floats in [0, 1]) at `image_size` -> (B, D) unit-norm float32."""
-        pixels = to_unit_range(pixels.to(self.device, non_blocking=True))
+        scale = self._scale[torch.uint8 if pixels.dtype == torch.uint8 else torch.float32]
+        pixels = pixels.to(self.device, non_blocking=True).to(torch.float32, copy=True)
+        pixels = pixels.mul_(scale).sub_(self._shift)
         if self.device.type == "cuda":
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.precision, cpu=True):
-            features = self.model.encode_image((pixels - self._mean) / self._std)
+            features = self.model.encode_image(pixels)
         return F.normalize(features.float(), dim=-1)
 
     @torch.no_grad()

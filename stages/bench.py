@@ -219,7 +219,8 @@ def measure_precompute(config: BenchConfig, work: Path) -> dict[str, Any]:
     for name, topk in (("full", 0), ("topk", config.topk)):
         out = work / f"{name}.h5"
         metrics = precompute.run(dataclasses.replace(base, out=str(out), topk=topk,
-                                                     metrics=str(work / f"{name}.json")))
+                                                     metrics=str(work / f"{name}.json")),
+                                 allow_random_teacher=config.random_teacher)
         results[name] = {"views_per_second": metrics["views_per_second"],
                          "images_per_second": metrics["images_per_second"],
                          "bytes_per_view_file": metrics["bytes_per_view"],

@@ -66,13 +66,15 @@ def check_options(config: PrecomputeConfig) -> None:
         raise PipelineError(f"option --batch-size must be at least --views ({config.views})")
 
 
-def run(config: PrecomputeConfig) -> dict[str, Any]:
+def run(config: PrecomputeConfig, allow_random_teacher: bool = False) -> dict[str, Any]:
+    """Stage one. `allow_random_teacher` is for `bench` only (speed of a teacher without weights)."""
     check_options(config)
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     shards = list_shards(config.shards, "train")
     classes = read_classes(config.shards)
-    teacher = load_teacher(config.teacher, config.device, precision=config.precision)
+    teacher = load_teacher(config.teacher, config.device, allow_random=allow_random_teacher,
+                           precision=config.precision)
     prompt_set = build_prompt_set(classes, config.prompts)
     header = cache.CacheHeader(
         teacher_identity=teacher.identity,
