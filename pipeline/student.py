@@ -18,7 +18,7 @@ import torchvision
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.views import to_unit_range
+from pipeline.views import normalize_pixels
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -69,7 +69,7 @@ class Student(nn.Module):
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features (before the head) of uint8 views or images in [0, 1]."""
-        return self.backbone((to_unit_range(pixels) - self.mean) / self.std)
+        return self.backbone(normalize_pixels(pixels, self.mean, self.std))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.head(self.features(pixels))

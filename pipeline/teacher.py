@@ -12,6 +12,7 @@ Its `identity` (name and tag, or file names and sha256) is what the cache record
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import zipfile
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from pipeline.config import TeacherConfig
 from pipeline.errors import PipelineError
 from pipeline.shards import sha256_file
+from pipeline.views import normalize_pixels
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether oneDNN runs bf16 natively here (e.g. AVX512-BF16 or AMX); else bf16 is emulated."""
     try:
@@ -119,17 +122,13 @@ class Teacher:
         self.std = tuple(float(v) for v in preprocess["std"])
         self.embed_dim = int(model.text_projection.shape[1] if hasattr(model, "text_projection")
                              and model.text_projection is not None else model.visual.output_dim)
-        # (pixels / 255 - mean) / std as one scale and one shift: two in-place passes, not four
-        std_t = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
-        self._shift = torch.tensor(self.mean, device=device).view(1, 3, 1, 1) / std_t
-        self._scale = {torch.uint8: 1.0 / (255.0 * std_t), torch.float32: 1.0 / std_t}
+        self._mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) uint8 views (or floats in [0, 1]) at `image_size` -> (B, D) unit-norm float32."""
-        scale = self._scale[torch.uint8 if pixels.dtype == torch.uint8 else torch.float32]
-        pixels = pixels.to(self.device, non_blocking=True).to(torch.float32, copy=True)
-        pixels = pixels.mul_(scale).sub_(self._shift)
+        pixels = normalize_pixels(pixels.to(self.device, non_blocking=True), self._mean, self._std)
         if self.device.type == "cuda":
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.precision, cpu=True):

@@ -30,7 +30,7 @@ from pipeline.errors import PipelineError
 from pipeline.shards import Sample, ShardBatches, iterate_batches
 from pipeline.student import Student, build_student, save_checkpoint
 from pipeline.teacher import autocast, resolve_device
-from pipeline.views import apply_view, to_unit_range
+from pipeline.views import apply_view
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +254,8 @@ def train_step(
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
     """One optimisation step on a batch (channels_last; bf16 autocast on GPU)."""
-    pixels = to_unit_range(batch["pixels"].to(device, non_blocking=True)).contiguous(
-        memory_format=torch.channels_last)
+    # uint8 views; the model normalises them (normalize_pixels keeps channels_last)
+    pixels = batch["pixels"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     with autocast(device):
         output = model(pixels)
     terms = objective.loss(output.float(), {**to_device(batch, device), "anchors": anchors})

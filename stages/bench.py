@@ -36,7 +36,7 @@ from pipeline.prompts import anchor_embeddings
 from pipeline.shards import Sample, ShardBatches, iterate_batches, list_shards
 from pipeline.student import build_student
 from pipeline.teacher import Teacher, load_teacher, resolve_device
-from pipeline.training import Objective, ReplayViews, make_optimizer, train_step
+from pipeline.training import MIN_BATCH, Objective, ReplayViews, make_optimizer, train_step
 from pipeline.views import apply_view, sample_view_params, view_rng
 from stages import precompute
 
@@ -63,7 +63,7 @@ def cycle_batches(make_dataset: Callable[[int], ShardBatches], workers: int) -> 
     epoch = 0
     while True:
         for batch in iterate_batches(make_dataset(epoch), workers):
-            if len(batch["keys"]) >= 2:
+            if len(batch["keys"]) >= MIN_BATCH:
                 yield batch
         epoch += 1
 

@@ -34,7 +34,7 @@ from pipeline.losses import caption_contrastive_loss
 from pipeline.prompts import anchor_embeddings, build_prompt_set
 from pipeline.shards import list_shards, read_classes
 from pipeline.teacher import Teacher, build_model
-from pipeline.views import apply_view, sample_view_params, to_unit_range
+from pipeline.views import apply_view, normalize_pixels, sample_view_params
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def run(config: DemoTeacherConfig) -> dict[str, Any]:
     for images, tokens, caption_ids in loader:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
-        image_embeddings = F.normalize(model.encode_image((to_unit_range(images) - mean) / std), dim=-1)
+        image_embeddings = F.normalize(model.encode_image(normalize_pixels(images, mean, std)), dim=-1)
         text_embeddings = F.normalize(model.encode_text(tokens), dim=-1)
         terms = caption_contrastive_loss(image_embeddings, text_embeddings, model.logit_scale,
                                          caption_ids)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.views import CENTER_VIEW, apply_view, crop_box, sample_view_params, to_unit_range, view_rng
+from pipeline.views import CENTER_VIEW, apply_view, crop_box, normalize_pixels, sample_view_params, view_rng
 
 
 def test_same_seed_same_parameters_and_they_vary():
@@ -46,7 +46,15 @@ def test_centre_view_is_the_whole_image_resized():
     assert apply_view(image, CENTER_VIEW, 32).shape == (3, 32, 32)
 
 
-def test_unit_range():
+def test_normalize_pixels_scales_uint8_and_takes_floats_as_unit_range():
+    zero, one = torch.zeros(1), torch.ones(1)
     pixels = torch.tensor([0, 255], dtype=torch.uint8)
-    assert torch.equal(to_unit_range(pixels), torch.tensor([0.0, 1.0]))
-    assert torch.equal(to_unit_range(torch.tensor([0.5])), torch.tensor([0.5]))
+    assert torch.equal(normalize_pixels(pixels, zero, one), torch.tensor([0.0, 1.0]))
+    assert torch.equal(normalize_pixels(torch.tensor([0.5]), zero, one), torch.tensor([0.5]))
+    mean, std = torch.tensor([0.5]), torch.tensor([0.25])
+    assert torch.allclose(normalize_pixels(pixels, mean, std), torch.tensor([-2.0, 2.0]))
+    floats = torch.tensor([0.5])
+    normalize_pixels(floats, mean, std)
+    assert torch.equal(floats, torch.tensor([0.5]))  # the input is never modified
+    batch = torch.zeros(2, 3, 4, 4, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    assert normalize_pixels(batch, zero, one).is_contiguous(memory_format=torch.channels_last)
