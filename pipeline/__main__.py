@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline import config as cfg
 from pipeline.errors import PipelineError
@@ -163,11 +164,64 @@ def report(
     probe.print_table(probe.read_metrics(file))
 
 
+def probe_default(key: str) -> str:
+    """`probe.KEY = value` of the params file, for --help of the commands that use the student."""
+    try:
+        return f"probe.{key} = {getattr(cfg.load_config('probe', PARAMS_PATH), key)}"
+    except PipelineError:
+        return f"probe.{key} of params.yaml"  # reported when the command runs, not while listing commands
+
+
+STUDENT_HELP = f"distilled student checkpoint (default: {probe_default('student')})"
+CACHE_HELP = f"teacher cache holding the anchors the student was distilled against (default: {probe_default('cache')})"
+SHARDS_HELP = f"shard directory whose classes.json names the cache's classes (default: {probe_default('shards')})"
+
+
+@app.command("predict")
+def predict(
+    images: list[Path] = typer.Argument(..., help="image files, or folders searched recursively for images"),
+    student: Path = typer.Option(None, help=STUDENT_HELP),
+    cache: Path = typer.Option(None, help=CACHE_HELP),
+    shards: Path = typer.Option(None, help=SHARDS_HELP),
+    teacher: bool = typer.Option(False, "--teacher", help="also the teacher's top classes (teacher section of the "
+                                 "params file; must be the teacher the cache records)"),
+    json_file: Path = typer.Option(None, "--json", help="also write every prediction to this JSON file"),
+    top: int = typer.Option(5, help="classes shown per image"),
+    device: str = typer.Option(None, help=f"auto, cpu or cuda (default: {probe_default('device')})"),
+) -> None:
+    """Print the student's top-5 classes, with probabilities, for image files and folders."""
+    from stages import predict as predict_stage
+
+    probe = cfg.load_config("probe", PARAMS_PATH)
+    distill = cfg.load_config("distill", PARAMS_PATH)
+    predict_stage.run(predict_stage.PredictConfig(
+        inputs=tuple(images), student=student or Path(probe.student), cache=cache or Path(probe.cache),
+        shards=shards or Path(probe.shards), tau_student=distill.tau_student, tau_teacher=distill.tau_teacher,
+        teacher=probe.teacher if teacher else None, device=device or probe.device, json=json_file, top=top))
+
+
+@app.command("export")
+def export(
+    out: Path = typer.Option(..., "--out", help="directory for student.torchscript.pt, student.onnx, "
+                             "anchors.npy and classes.json"),
+    student: Path = typer.Option(None, help=STUDENT_HELP),
+    cache: Path = typer.Option(None, help=CACHE_HELP),
+    shards: Path = typer.Option(None, help=SHARDS_HELP),
+) -> None:
+    """Write the student as TorchScript and ONNX image encoders, with its anchors and class names."""
+    from stages import export as export_stage
+
+    probe = cfg.load_config("probe", PARAMS_PATH)
+    export_stage.run(student or Path(probe.student), cache or Path(probe.cache), shards or Path(probe.shards), out,
+                     cfg.load_config("distill", PARAMS_PATH).tau_student)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     command: Callable[..., Any] = typer.main.get_command(app)
     try:
-        result = command.main(args=argv, prog_name="python -m pipeline", standalone_mode=False)
+        with logging_redirect_tqdm():  # log lines print above an active progress bar, not through it
+            result = command.main(args=argv, prog_name="python -m pipeline", standalone_mode=False)
     except typer.Exit as done:
         return done.exit_code
     except typer.Abort:

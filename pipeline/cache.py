@@ -319,6 +319,7 @@ class ShardTargets:
     labels: np.ndarray  # (n,)
     params: np.ndarray  # (n, V, 5), or (n, 5) for chosen views
     similarities: np.ndarray  # (n, V, K) float32, or (n, K) for chosen views (top-k expanded, -inf)
+    embeddings: np.ndarray | None = None  # (n, V, D) / (n, D) float32 teacher image embeddings, if asked
 
     def row_of_position(self) -> dict[int, int]:
         return {int(p): i for i, p in enumerate(self.positions)}
@@ -376,12 +377,18 @@ class TeacherCache:
     def prompts(self) -> list[str]:
         return [s.decode() if isinstance(s, bytes) else s for s in self.file["prompts/text"][:]]
 
-    def shard_targets(self, shard: int, chosen: np.ndarray | None = None) -> ShardTargets:
+    def shard_targets(self, shard: int, chosen: np.ndarray | None = None,
+                      with_embeddings: bool = False) -> ShardTargets:
         """A shard's rows, read in one slice per dataset.
 
         With `chosen` (one view index per image), only those views are kept, so memory holds
-        one view per image whatever V is; otherwise all V views of every image.
+        one view per image whatever V is; otherwise all V views of every image. With
+        `with_embeddings`, also the stored teacher image embeddings (an error if there are none).
         """
+        if with_embeddings and not self.header.store_embeddings:
+            raise PipelineError(
+                f"{self.path}: holds no teacher image embeddings; re-run precompute with --store-embeddings"
+            )
         start, count = int(self.image_start[shard]), int(self.image_count[shard])
         V, K = self.header.views_per_image, self.header.num_anchors
         images = slice(start, start + count)
@@ -394,13 +401,17 @@ class TeacherCache:
                                        f["views/topk_similarity"][views][keep], K)
         else:
             similarities = f["views/similarities"][views][keep].astype(np.float32)
+        embeddings = f["views/embeddings"][views][keep].astype(np.float32) if with_embeddings else None
         if chosen is None:
             params, similarities = params.reshape(count, V, -1), similarities.reshape(count, V, K)
+            if embeddings is not None:
+                embeddings = embeddings.reshape(count, V, -1)
         return ShardTargets(
             positions=f["images/position"][images],
             labels=f["images/label"][images],
             params=params,
             similarities=similarities,
+            embeddings=embeddings,
         )
 
     def similarities(self, rows: slice | np.ndarray) -> np.ndarray:

@@ -145,6 +145,10 @@ class DistillConfig:
     run_dir: str = opt("directory for resumable training checkpoints")
     tau_teacher: float = opt("teacher temperature: p_T = softmax(s_T / tau_teacher)")
     tau_student: float = opt("student temperature: p_S = softmax(cos(z_S, a) / tau_student)")
+    loss: str = opt("csm: KL over the anchors; embedding: 1 - cos(student, teacher image embedding), "
+                    "needs a cache made with --store-embeddings; both: their sum",
+                    choices=("csm", "embedding", "both"))
+    embedding_weight: float = opt("weight of the embedding term when --loss both")
     metrics: str = opt("metrics JSON file to write")
     plot: str = opt("per-epoch CSV to write")
     train: TrainConfig = opt("training settings")
@@ -177,6 +181,7 @@ class ProbeConfig:
     seed: int = opt("seed of the hold-out split")
     max_train_images: int = opt("fit the probes on at most this many train images (0: all)")
     teacher: TeacherConfig = opt("the teacher (must be the one the cache records)")
+    prompts: PromptsConfig = opt("templates of the teacher's plain and CPA zero-shot")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,14 @@ background (kind and tone), colour jitter and pixel noise, so that classes are n
 separable from raw pixels alone. Each image carries a caption that states its attributes
 in varied phrasing; it is what the demo CLIP teacher is trained on.
 
+Lexical ambiguity, as on ImageNet (two classes called "crane"): 16 classes come in 8
+homonym pairs. The two classes of a pair look nothing alike (other colour, other shape)
+but share one name, e.g. "crane" is the red triangle (a kind of bird) and the blue cross
+(a kind of machine). Their captions call them by that name only, and add the
+disambiguating sense ("crane, a kind of bird") in `CONTEXT_RATE` of the captions, as web
+text sometimes does. A plain prompt ("a photo of a crane.") cannot tell the pair apart;
+a CPA prompt with the sense ("a photo of a crane, a kind of bird.") can.
+
 Image `i` of a split depends only on (seed, split, i): generation can be split across
 processes and the same seed always gives the same bytes.
 """
@@ -46,6 +54,24 @@ COLUMNS = ("left", "center", "right")
 SPLIT_CODES = {"train": 1, "val": 2}
 JPEG_QUALITY = 92
 
+# name -> ((colour, shape, sense), (colour, shape, sense)): visually distinct pairs.
+HOMONYMS: dict[str, tuple[tuple[str, str, str], tuple[str, str, str]]] = {
+    "crane": (("red", "triangle", "bird"), ("blue", "cross", "machine")),
+    "bat": (("orange", "crescent", "mammal"), ("green", "square", "club")),
+    "mouse": (("yellow", "circle", "rodent"), ("purple", "star", "gadget")),
+    "bass": (("green", "heart", "fish"), ("red", "ring", "guitar")),
+    "jaguar": (("blue", "star", "cat"), ("yellow", "square", "car")),
+    "apple": (("purple", "circle", "fruit"), ("orange", "triangle", "computer")),
+    "palm": (("yellow", "heart", "tree"), ("blue", "ring", "hand")),
+    "bow": (("purple", "crescent", "ribbon"), ("orange", "cross", "weapon")),
+}
+CONTEXT_RATE = 0.5  # share of a homonym class's captions that state its sense
+HOMONYM_OF: dict[tuple[str, str], tuple[str, str]] = {
+    (colour, shape): (name, sense)
+    for name, pair in HOMONYMS.items()
+    for colour, shape, sense in pair
+}
+
 SIZE_WORDS = {"small": ("small", "little", "tiny"), "medium": ("medium", "mid-sized"),
               "large": ("large", "big")}
 
@@ -58,7 +84,15 @@ class DemoClass:
 
     @property
     def name(self) -> str:
-        return f"{self.colour} {self.shape}"
+        """What captions and plain prompts call the class: "red star", or a homonym ("crane")."""
+        homonym = HOMONYM_OF.get((self.colour, self.shape))
+        return homonym[0] if homonym else f"{self.colour} {self.shape}"
+
+    @property
+    def sense(self) -> str:
+        """The disambiguating context of a homonym class ("bird"), "" for the others."""
+        homonym = HOMONYM_OF.get((self.colour, self.shape))
+        return homonym[1] if homonym else ""
 
     @property
     def id(self) -> str:
@@ -74,19 +108,13 @@ def demo_classes() -> list[DemoClass]:
     ]
 
 
-def demo_contexts() -> list[str]:
-    """CPA contexts of the demo world: its nuisance attributes, shared by every class.
+def demo_contexts(cls: DemoClass) -> tuple[str, ...]:
+    """CPA contexts of a demo class: the sense of a homonym ("bird"), none for the others.
 
-    The prompt "a photo of a red star, small, on a dark striped background." names the class
-    and one setting of the nuisances; averaging a class's prompts over all contexts gives an
-    anchor that does not prefer one size or background.
+    A class without contexts falls back to the plain templates (see `pipeline.prompts`), so
+    plain and CPA anchors differ exactly where a name is ambiguous, as on ImageNet.
     """
-    return [
-        f"{size}, on a {tone} {kind} background"
-        for size in SIZES
-        for tone in BACKGROUND_TONES
-        for kind in BACKGROUND_KINDS
-    ]
+    return (cls.sense,) if cls.sense else ()
 
 
 @dataclass(frozen=True)
@@ -126,27 +154,36 @@ def position_phrase(row: str, column: str, rng: np.random.Generator) -> str:
 def caption_for(a: DemoAttributes, rng: np.random.Generator) -> str:
     """A caption that states the attributes, in one of several phrasings.
 
-    Colour and shape are always named; size, position and background come and go, so the
-    teacher learns that the class words matter whatever else is said.
+    The class is always named (colour and shape, or its homonym, with its sense in
+    `CONTEXT_RATE` of a homonym's captions); size, position and background come and go, so
+    the teacher learns that the class words matter whatever else is said.
     """
     size = str(rng.choice(SIZE_WORDS[a.size]))
     where = position_phrase(*position_words(a.cx, a.cy), rng)
     background = f"{a.tone} {a.background} background"
-    name = f"{a.colour} {a.shape}"
+    homonym = HOMONYM_OF.get((a.colour, a.shape))
+    if homonym:
+        name, sense = homonym
+        if rng.random() < CONTEXT_RATE:
+            name = f"{name}, a kind of {sense},"
+    else:
+        name = f"{a.colour} {a.shape}"
     phrasings = [
         f"a {size} {name} on a {background}",
         f"a photo of a {name}, {a.size}, on a {background}.",
         f"a {name} {where}",
         f"a {size} {name} {where} of the picture",
         f"a {name} {where} on a {background}",
-        f"an image of a {size} {a.colour} {a.shape}",
+        f"an image of a {size} {name}",
         f"a {background} with a {size} {name} {where}",
         f"there is a {name} on a {background}",
         f"a {name}",
         f"a photo of a {name}.",
-        f"{size} {a.shape}, colour {a.colour}, {where}",
     ]
-    return phrasings[int(rng.integers(len(phrasings)))]
+    if not homonym:
+        phrasings.append(f"{size} {a.shape}, colour {a.colour}, {where}")
+    caption = phrasings[int(rng.integers(len(phrasings)))]
+    return " ".join(caption.replace(",,", ",").replace(",.", ".").rstrip(",").split())
 
 
 def sample_attributes(label: int, rng: np.random.Generator) -> DemoAttributes:

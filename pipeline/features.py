@@ -6,17 +6,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from pipeline.shards import Sample, ShardBatches, iterate_batches
-from pipeline.views import CENTER_VIEW, apply_view
+from pipeline.progress import Progress
+from pipeline.shards import Sample, ShardBatches, iterate_batches, sample_count
+from pipeline.views import eval_view
 
 
 def centre_view_batches(shards: Sequence[Path], sizes: dict[str, int], batch_size: int) -> ShardBatches:
-    """Shards in file order; each sample gives the whole image at every named resolution."""
+    """Shards in file order; each sample gives its evaluation view (`eval_view`: shorter side
+    resized, centre crop, as CLIP evaluates) at every named resolution."""
 
     def prepare(sample: Sample, _: object) -> dict[str, torch.Tensor]:
-        return {name: apply_view(sample.image, CENTER_VIEW, size) for name, size in sizes.items()}
+        return {name: eval_view(sample.image, size) for name, size in sizes.items()}
 
     return ShardBatches(shards, batch_size, prepare)
 
@@ -29,7 +30,7 @@ def extract_features(
     workers: int,
     desc: str = "features",
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
-    """Run every encoder (name -> (resolution, fn on [0,1] pixels)) over the shards' centre views.
+    """Run every encoder (name -> (resolution, fn on [0,1] pixels)) over the shards' evaluation views.
 
     Images are decoded once and resized once per distinct resolution. Returns the features
     per encoder (N, D) float32 on CPU, the labels (N,) and the keys of corrupt samples.
@@ -38,7 +39,7 @@ def extract_features(
     loader = iterate_batches(centre_view_batches(shards, sizes, batch_size), workers)
     features: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
     labels, corrupt = [], []
-    progress = tqdm(desc=desc, unit="img", leave=False)
+    progress = Progress(sample_count(shards), desc, "img")
     for batch in loader:
         corrupt.extend(batch["corrupt"])
         if not batch["keys"]:

@@ -32,6 +32,16 @@ def csm_loss(
     return {"loss": kl.mean(), "kl": kl.mean().detach(), "agreement": agreement.detach()}
 
 
+def embedding_loss(teacher_embeddings: torch.Tensor, student_embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Embedding (feature) distillation: 1 - cos(z_S, z_T), averaged over the batch.
+
+    The feature loss of CLIP-KD and DIME-FM-style methods, against the teacher image
+    embeddings a cache stores with `--store-embeddings`. Also returns "cosine", the mean cosine.
+    """
+    cosine = F.cosine_similarity(student_embeddings.float(), teacher_embeddings.float(), dim=-1)
+    return {"loss": (1 - cosine).mean(), "cosine": cosine.mean().detach()}
+
+
 def supervised_loss(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """Cross-entropy of class logits (the supervised reference)."""
     loss = F.cross_entropy(logits.float(), labels)

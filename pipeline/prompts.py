@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -97,6 +97,17 @@ def prompt_set_digest(prompt_set: PromptSet, teacher_identity: str) -> str:
         ensure_ascii=False,
     )
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def class_anchors(encode_text, classes: Sequence[ClassInfo], config: PromptsConfig, prompt_set: str) -> torch.Tensor:
+    """Per-class anchors (C, D) of `prompt_set` ("plain" or "cpa") with a text encoder.
+
+    The zero-shot classifier of a teacher for either prompt set, whatever set a cache holds.
+    """
+    prompts = build_prompt_set(classes, replace(config, set=prompt_set, anchors="class"))
+    embeddings = encode_text(list(prompts.prompts))
+    return anchor_embeddings(embeddings, torch.tensor(prompts.prompt_classes), prompts.num_classes,
+                             "class")
 
 
 def anchor_embeddings(

@@ -107,6 +107,33 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def manifest_rows(directory: Path) -> dict[str, dict[str, Any]]:
+    """The manifest's row (samples, bytes, sha256) of every shard in `directory`, by file name.
+
+    The one reader of `manifest.json`; {} when the directory has none.
+    """
+    manifest = Path(directory) / MANIFEST_FILE
+    if not manifest.is_file():
+        return {}
+    try:
+        splits = json.loads(manifest.read_text()).get("splits", {})
+    except (json.JSONDecodeError, AttributeError):
+        raise PipelineError(f"{manifest}: not a valid manifest; re-run `python -m pipeline shards`") from None
+    return {row["name"]: row for split in splits.values() for row in split.get("shards", [])}
+
+
+def sample_count(shards: Sequence[Path]) -> int | None:
+    """Samples in `shards` per their manifests (for progress totals); None when one is not listed."""
+    rows: dict[Path, dict[str, dict[str, Any]]] = {}
+    total = 0
+    for shard in shards:
+        listed = rows.setdefault(shard.parent, manifest_rows(shard.parent)).get(shard.name)
+        if listed is None:
+            return None
+        total += int(listed["samples"])
+    return total
+
+
 def shard_list_digest(shards: Sequence[Path]) -> str:
     """Digest of shard names, sizes and sha256: changes whenever any shard's content does.
 
@@ -116,11 +143,8 @@ def shard_list_digest(shards: Sequence[Path]) -> str:
     """
     known: dict[str, tuple[int, str]] = {}
     for directory in {shard.parent for shard in shards}:
-        manifest = directory / MANIFEST_FILE
-        if manifest.is_file():
-            for split in json.loads(manifest.read_text()).get("splits", {}).values():
-                for row in split.get("shards", []):
-                    known[str(directory / row["name"])] = (row["bytes"], row["sha256"])
+        for name, row in manifest_rows(directory).items():
+            known[str(directory / name)] = (row["bytes"], row["sha256"])
     digest = hashlib.sha256()
     for shard in shards:
         size = shard.stat().st_size

@@ -1,25 +1,52 @@
-"""The teacher: a frozen open_clip CLIP, built one way whatever its weights' origin.
+"""The teacher: a frozen open_clip CLIP, whatever its weights' origin, with an identity.
 
-Three sources, all through open_clip's own factory:
+Four sources (the `teacher` section of the params):
   (a) a built-in model name + pretrained tag (open_clip downloads the weights);
-  (b) a built-in model name + a local checkpoint file;
-  (c) a JSON model config (open_clip's model-config format) + a checkpoint file.
-The wrapper stays in eval mode with gradients off, takes images in [0, 1] at its own
+  (b) a built-in model name + a local checkpoint file in open_clip's layout;
+  (c) a JSON model config (open_clip's model-config format) + a checkpoint file;
+  (d) an OpenAI file: a TorchScript archive as OpenAI released them (what `clip.load` reads),
+      a state dict that still holds the archive's `input_resolution`, or any state dict in
+      OpenAI's layout given without a model name or config. The architecture is derived from
+      the weights as OpenAI's own `build_model` does, so files of any size load.
+
+QuickGELU: OpenAI trained its CLIPs with QuickGELU, and open_clip 3.x no longer forces it for
+the `openai` tag (it only warns), so the activation is decided here, not left to the release:
+a tag gets what open_clip's pretrained config for that tag says (`openai`: QuickGELU); an
+OpenAI file always gets QuickGELU, and a model name or config given with one must describe the
+file's architecture exactly, activation included (ViT-B-32-quickgelu, not ViT-B-32). A file in
+open_clip's layout whose name says "openai", given with a GELU model, is refused.
+
+`resolve_teacher` settles all of that without building the model, so stage two can check a
+cache against the params. The identity records everything that decides the teacher's outputs:
+the resolved architecture and preprocessing (a digest, plus the activation spelled out), the
+weights (tag, or file name and sha256) and the open_clip release; `identity_difference` says
+in one line how two identities differ.
+
+The wrapper stays in eval mode with gradients off, takes images in [0, 1] (or uint8) at its own
 resolution and applies its own normalisation, and returns L2-normalised float32 embeddings.
-Its `identity` (name and tag, or file names and sha256) is what the cache records.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import functools
+import hashlib
+import json
 import logging
+import warnings
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, set_model_preprocess_cfg
+from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
+from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
 from pipeline.config import TeacherConfig
 from pipeline.errors import PipelineError
@@ -27,6 +54,9 @@ from pipeline.shards import sha256_file
 from pipeline.views import normalize_pixels
 
 log = logging.getLogger(__name__)
+
+# Entries of OpenAI's TorchScript archives that are not weights (OpenAI's build_model drops them).
+OPENAI_ARCHIVE_ENTRIES = ("input_resolution", "context_length", "vocab_size")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -73,36 +103,328 @@ def is_torchscript_archive(path: Path) -> bool:
         return any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
 
 
-def teacher_identity(config: TeacherConfig) -> str:
-    """A string naming the teacher's architecture and weights, independent of directories.
+def existing(path: str, option: str) -> Path:
+    resolved = Path(path).expanduser()
+    if not resolved.is_file():
+        raise PipelineError(f"{path}: file not found (option {option})")
+    return resolved
 
-    Computed without building the model, so stage two can check a cache against the params.
+
+# --- OpenAI files --------------------------------------------------------------------------
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file: TorchScript archive, safetensors or a torch pickle.
+
+    Unwraps {'state_dict': ...} and DistributedDataParallel's 'module.' prefix, as open_clip does.
     """
-    parts = []
+    try:
+        if is_torchscript_archive(path):
+            with warnings.catch_warnings():  # OpenAI ships TorchScript: its deprecation is not the user's to act on
+                warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated", category=FutureWarning)
+                state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        elif path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            try:  # zip-format pickles are memory-mapped: tensors are read when copied into the model
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unreadable file: one line naming it
+        raise PipelineError(
+            f"{path}: not a readable checkpoint ({str(err).splitlines()[0][:200]}) (option --teacher-checkpoint)"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PipelineError(f"{path}: holds no state dict of tensors (option --teacher-checkpoint)")
+    if state and next(iter(state)).startswith("module."):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return dict(state)
+
+
+def has_openai_layout(state: dict[str, torch.Tensor]) -> bool:
+    """OpenAI's CLIP keys: text tower at the top level, a ViT (visual.proj) or ResNet (visual.attnpool)."""
+    return (all(k in state for k in ("positional_embedding", "text_projection", "token_embedding.weight",
+                                     "ln_final.weight"))
+            and ("visual.proj" in state or "visual.attnpool.positional_embedding" in state))
+
+
+def openai_model_config(state: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
+    """open_clip's config of an OpenAI-layout state dict, derived as OpenAI's `build_model` does.
+
+    Head widths are not stored in the weights; OpenAI's convention (64 per head, and a ResNet
+    attention pool of width * 32 / 64 heads) is also open_clip's default. QuickGELU always:
+    OpenAI's models were trained with it. (open_clip's `build_model_from_openai_state_dict`
+    derives the same config but rounds the weights to fp16, which changes fp32 files.)
+    """
+    if not has_openai_layout(state):
+        raise PipelineError(
+            f"{path}: not a CLIP state dict in OpenAI's layout (needs positional_embedding, "
+            f"text_projection and visual.proj or visual.attnpool); name its architecture with "
+            f"--teacher-model or --teacher-config"
+        )
+    if "visual.proj" in state:
+        patch_size = state["visual.conv1.weight"].shape[-1]
+        grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        vision = {
+            "layers": len([k for k in state if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")]),
+            "width": state["visual.conv1.weight"].shape[0],
+            "patch_size": patch_size,
+            "image_size": patch_size * grid,
+        }
+    else:
+        output_width = round((state["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+        vision = {
+            "layers": [len({k.split(".")[2] for k in state if k.startswith(f"visual.layer{b}.")})
+                       for b in (1, 2, 3, 4)],
+            "width": state["visual.layer1.0.conv1.weight"].shape[0],
+            "patch_size": None,
+            "image_size": output_width * 32,
+        }
+    width = state["ln_final.weight"].shape[0]
+    text = {
+        "context_length": state["positional_embedding"].shape[0],
+        "vocab_size": state["token_embedding.weight"].shape[0],
+        "width": width,
+        "heads": width // 64,
+        "layers": len({k.split(".")[2] for k in state if k.startswith("transformer.resblocks.")}),
+    }
+    return {"embed_dim": state["text_projection"].shape[1], "quick_gelu": True,
+            "vision_cfg": vision, "text_cfg": text}
+
+
+# --- resolving the params ------------------------------------------------------------------
+
+
+def resolved_architecture(model_cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    """A model config with every default filled in (open_clip's dataclasses), as plain JSON values.
+
+    Two configs that build the same module resolve to equal dicts, whether a field was written
+    out or left to its default; `quick_gelu` is always present.
+    """
+    resolved = copy.deepcopy(model_cfg)
+    resolved["quick_gelu"] = bool(resolved.get("quick_gelu", False))
+    try:
+        resolved["vision_cfg"] = dataclasses.asdict(CLIPVisionCfg(**resolved.get("vision_cfg", {})))
+        resolved["text_cfg"] = dataclasses.asdict(CLIPTextCfg(**resolved.get("text_cfg", {})))
+    except TypeError as err:
+        raise PipelineError(f"{source}: not an open_clip model config ({err})") from None
+    return json.loads(json.dumps(resolved, sort_keys=True))
+
+
+def flat_items(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    items = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            items.update(flat_items(value, f"{prefix}{key}."))
+        else:
+            items[f"{prefix}{key}"] = value
+    return items
+
+
+def config_differences(named: dict[str, Any], derived: dict[str, Any]) -> list[str]:
+    """'key: model X, file Y' for every field where two resolved configs differ."""
+    a, b = flat_items(named), flat_items(derived)
+    return [f"{key}: model {a.get(key)}, file {b.get(key)}" for key in sorted(a.keys() | b.keys())
+            if a.get(key) != b.get(key)]
+
+
+def models_with_architecture(architecture: dict[str, Any]) -> list[str]:
+    """open_clip's built-in model names whose config resolves to `architecture`."""
+    names = []
+    for name in open_clip.list_models():
+        try:
+            if resolved_architecture(open_clip.get_model_config(name), name) == architecture:
+                names.append(name)
+        except PipelineError:
+            continue
+    return names
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """A teacher settled from the params, before any model is built.
+
+    `architecture` is the resolved model config (activation included), `preprocess` the input
+    normalisation and size; with the weights and the open_clip release they decide every output.
+    """
+    name: str  # open_clip model name, the JSON config's stem, or "" (derived from an OpenAI file)
+    model_config: dict[str, Any]  # what open_clip's CLIP takes (quick_gelu set as it is built)
+    architecture: dict[str, Any]  # model_config resolved with every default
+    preprocess: dict[str, Any]  # open_clip's preprocess config: size, mean, std, interpolation, ...
+    source: str  # "tag", "checkpoint", "openai-file" or "random"
+    labels: tuple[tuple[str, str], ...]  # identity fields naming the params: model/config, tag/file
+    checkpoint: Path | None = None
+    config_file: Path | None = None
+    openai_state: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def quick_gelu(self) -> bool:
+        return bool(self.architecture["quick_gelu"])
+
+    @property
+    def digest(self) -> str:
+        payload = json.dumps({"architecture": self.architecture, "preprocess": self.preprocess},
+                             sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    @property
+    def identity(self) -> str:
+        fields = [*self.labels, ("arch", self.digest), ("act", "quickgelu" if self.quick_gelu else "gelu"),
+                  ("open_clip", open_clip.__version__)]
+        return " ".join(f"{key}={value}" for key, value in fields)
+
+
+def preprocess_config(architecture: dict[str, Any], overlay: dict[str, Any] | None = None) -> dict[str, Any]:
+    """open_clip's preprocess config (defaults: OpenAI's mean/std, bicubic, shortest side) at the model's size."""
+    size = architecture["vision_cfg"]["image_size"]
+    resolved = merge_preprocess_dict(PreprocessCfg(), {**(overlay or {}), "size": size})
+    return json.loads(json.dumps(resolved))
+
+
+def resolve_teacher(config: TeacherConfig) -> TeacherSpec:
+    """Settle architecture, activation, preprocessing and weights of `config` without building it.
+
+    Reads an OpenAI file's tensors (its architecture is in their shapes) and hashes checkpoint
+    files; downloads nothing.
+    """
+    labels: list[tuple[str, str]] = []
+    config_file = None
     if config.config:
-        path = existing(config.config, "--teacher-config")
-        parts.append(f"config={path.name} sha256={sha256_file(path)}")
+        config_file = existing(config.config, "--teacher-config")
+        try:
+            named = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise PipelineError(f"{config_file}: not a JSON model config ({err}) (option --teacher-config)") from None
+        name = config_file.stem
+        labels.append(("config", config_file.name))
     elif config.model:
-        parts.append(f"model={config.model}")
+        name = config.model
+        if name not in open_clip.list_models():
+            raise PipelineError(
+                f"--teacher-model {name}: not an open_clip model; see open_clip.list_models()"
+            )
+        named = open_clip.get_model_config(name)
+        labels.append(("model", name))
+    elif config.checkpoint:
+        name, named = "", None  # an OpenAI file: the architecture comes from its weights
     else:
         raise PipelineError(
             "teacher: set --teacher-model (an open_clip name) or --teacher-config (a JSON file)"
         )
+    source_name = str(config_file) if config_file else f"--teacher-model {name}"
+
     if config.checkpoint:
-        path = existing(config.checkpoint, "--teacher-checkpoint")
-        parts.append(f"checkpoint={path.name} sha256={sha256_file(path)}")
-    elif config.pretrained:
-        if config.config:
+        checkpoint = existing(config.checkpoint, "--teacher-checkpoint")
+        labels += [("checkpoint", checkpoint.name), ("checkpoint_sha256", sha256_file(checkpoint))]
+        state = read_state_dict(checkpoint)
+        if is_openai_file(checkpoint, state, named):
+            return resolve_openai_file(checkpoint, state, name, named, source_name, tuple(labels), config_file)
+        architecture = resolved_architecture(named, source_name)
+        if "openai" in checkpoint.name.lower() and not architecture["quick_gelu"]:
+            fix = (f'set "quick_gelu": true in {config_file}' if config_file else
+                   f"use --teacher-model {name}-quickgelu, or leave --teacher-model empty to take the "
+                   f"architecture from the file")
+            raise PipelineError(f"{checkpoint}: OpenAI CLIP weights were trained with QuickGELU; {fix}")
+        return TeacherSpec(name, named, architecture, preprocess_config(architecture), "checkpoint",
+                           tuple(labels), checkpoint=checkpoint, config_file=config_file)
+
+    if config.pretrained:
+        if config_file:
             raise PipelineError("teacher: --teacher-pretrained needs --teacher-model, not a config")
-        parts.append(f"pretrained={config.pretrained}")
-    return " ".join(parts)
+        tag = get_pretrained_cfg(name, config.pretrained)
+        if not tag:
+            known = ", ".join(list_pretrained_tags_by_model(name)) or "none"
+            raise PipelineError(
+                f"--teacher-pretrained {config.pretrained} for {name}: not an open_clip tag of this "
+                f"model (known: {known}); for a local file use --teacher-checkpoint FILE"
+            )
+        # The tag's own activation, whatever this open_clip release does by default.
+        model_config = {**named, "quick_gelu": bool(tag.get("quick_gelu", False))}
+        architecture = resolved_architecture(model_config, source_name)
+        labels.append(("pretrained", config.pretrained))
+        return TeacherSpec(name, model_config, architecture, preprocess_config(architecture, tag), "tag",
+                           tuple(labels))
+
+    architecture = resolved_architecture(named, source_name)
+    return TeacherSpec(name, named, architecture, preprocess_config(architecture), "random", tuple(labels),
+                       config_file=config_file)
 
 
-def existing(path: str, option: str) -> Path:
-    resolved = Path(path)
-    if not resolved.is_file():
-        raise PipelineError(f"{path}: file not found (option {option})")
-    return resolved
+def is_openai_file(checkpoint: Path, state: dict[str, torch.Tensor], named: dict[str, Any] | None) -> bool:
+    """Whether a checkpoint holds OpenAI's weights, to be built with QuickGELU from its own shapes.
+
+    Yes for a TorchScript archive (OpenAI's release format) and for a state dict that still holds
+    the archive's `input_resolution`; yes for any state dict given without a model name or config
+    (only OpenAI's convention derives an architecture from weights). A plain state dict in
+    OpenAI's layout given with a model name is built as that model: its keys are also those of
+    open_clip's own CLIP checkpoints (LAION's GELU ones too), so they cannot tell the origin.
+    """
+    return named is None or is_torchscript_archive(checkpoint) or (
+        has_openai_layout(state) and "input_resolution" in state)
+
+
+def resolve_openai_file(checkpoint: Path, state: dict[str, torch.Tensor], name: str, named: dict[str, Any] | None,
+                        source_name: str, labels: tuple[tuple[str, str], ...], config_file: Path | None) -> TeacherSpec:
+    """Source (d): the architecture from the weights; a named model or config must equal it."""
+    model_config = openai_model_config(state, checkpoint)
+    architecture = resolved_architecture(model_config, str(checkpoint))
+    if named is not None:
+        differences = config_differences(resolved_architecture(named, source_name), architecture)
+        if differences:
+            matches = models_with_architecture(architecture)
+            advice = f"use --teacher-model {matches[0]}, or" if matches else ""
+            raise PipelineError(
+                f"{checkpoint}: OpenAI weights (QuickGELU, architecture taken from the file) do not fit "
+                f"{source_name} ({'; '.join(differences[:3])}); {advice} leave --teacher-model and "
+                f"--teacher-config empty to take the architecture from the file"
+            )
+    return TeacherSpec(name, model_config, architecture, preprocess_config(architecture), "openai-file",
+                       labels, checkpoint=checkpoint, config_file=config_file, openai_state=state)
+
+
+def teacher_identity(config: TeacherConfig) -> str:
+    """The identity of the teacher the params name, computed without building the model.
+
+    Stage two compares it with the cache's, so it covers everything that decides the outputs
+    (see `TeacherSpec.identity`) and no directory names.
+    """
+    return resolve_teacher(config).identity
+
+
+def parse_identity(identity: str) -> dict[str, str]:
+    """'key=value key=value' -> {key: value}; a word without '=' belongs to the previous value."""
+    fields: dict[str, str] = {}
+    last = None
+    for word in identity.split(" "):
+        key, sep, value = word.partition("=")
+        if sep and key:
+            fields[key] = value
+            last = key
+        elif last is not None:
+            fields[last] += " " + word
+    return fields
+
+
+def identity_difference(cache: str, params: str) -> str:
+    """One line saying how two teacher identities differ, e.g.
+    'act: cache quickgelu, params gelu; open_clip: cache 3.2.0, params 3.3.0' ('' when equal)."""
+    a, b = parse_identity(cache), parse_identity(params)
+    keys = list(a) + [k for k in b if k not in a]
+
+    def shown(value: str | None) -> str:
+        if value is None:
+            return "(none)"
+        return value[:12] + "..." if len(value) == 64 and all(c in "0123456789abcdef" for c in value) else value
+
+    return "; ".join(f"{key}: cache {shown(a.get(key))}, params {shown(b.get(key))}"
+                     for key in keys if a.get(key) != b.get(key))
+
+
+# --- building ------------------------------------------------------------------------------
 
 
 class Teacher:
@@ -148,67 +470,72 @@ class Teacher:
         return torch.cat(chunks)
 
 
-def build_model(config: TeacherConfig, allow_random: bool = False) -> tuple[torch.nn.Module, object]:
-    """The open_clip model and tokenizer for a teacher config (weights loaded, on CPU)."""
-    if config.config:
-        path = existing(config.config, "--teacher-config")
-        open_clip.add_model_config(path)  # registers the architecture under the file's stem
-        name = path.stem
-    elif config.model:
-        name = config.model
-        if name not in open_clip.list_models():
-            raise PipelineError(
-                f"--teacher-model {name}: not an open_clip model; see open_clip.list_models()"
-            )
-    else:
+def build_openai_model(spec: TeacherSpec) -> torch.nn.Module:
+    """open_clip's CLIP from an OpenAI file's tensors, in fp32 whatever the file's dtype."""
+    model = CLIP(**spec.model_config)
+    state = {k: v for k, v in spec.openai_state.items() if k not in OPENAI_ARCHIVE_ENTRIES}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
         raise PipelineError(
-            "teacher: set --teacher-model (an open_clip name) or --teacher-config (a JSON file)"
-        )
-    tokenizer = open_clip.get_tokenizer(name)
+            f"{spec.checkpoint}: OpenAI-layout weights that open_clip's CLIP cannot take "
+            f"({str(err).splitlines()[0][:200]})"
+        ) from None
+    set_model_preprocess_cfg(model, spec.preprocess)
+    return model
 
-    if config.checkpoint:
-        checkpoint = existing(config.checkpoint, "--teacher-checkpoint")
-        if is_torchscript_archive(checkpoint):
-            # OpenAI's own files: open_clip rebuilds them with QuickGELU, as they were trained.
-            log.info("%s is an OpenAI TorchScript archive: loading with QuickGELU", checkpoint)
-            model = open_clip.load_openai_model(str(checkpoint), device="cpu", jit=False)
-            return model, tokenizer
-        if "openai" in checkpoint.name.lower() and "quickgelu" not in name.lower():
-            raise PipelineError(
-                f"{checkpoint}: OpenAI CLIP weights were trained with QuickGELU; use "
-                f"--teacher-model {name}-quickgelu (or the original TorchScript file)"
-            )
+
+def build_model(config: TeacherConfig, allow_random: bool = False,
+                spec: TeacherSpec | None = None) -> tuple[torch.nn.Module, object]:
+    """The open_clip model and tokenizer for a teacher config (weights loaded, fp32, on CPU)."""
+    spec = spec or resolve_teacher(config)
+    if spec.config_file:
+        open_clip.add_model_config(spec.config_file)  # registers the architecture under the file's stem
+    if spec.source == "openai-file":
+        log.info("%s: OpenAI weights, built with QuickGELU (%s)", spec.checkpoint,
+                 "TorchScript archive" if is_torchscript_archive(spec.checkpoint) else "state dict")
+        model = build_openai_model(spec)
+        tokenizer = open_clip.SimpleTokenizer(context_length=spec.model_config["text_cfg"]["context_length"])
+        return model, tokenizer
+    tokenizer = open_clip.get_tokenizer(spec.name)
+    # force_quick_gelu sets True; the keyword sets False; either way the spec decides, not the release.
+    activation = {"force_quick_gelu": spec.quick_gelu, "quick_gelu": spec.quick_gelu}
+    if spec.source == "checkpoint":
         try:
-            model = open_clip.create_model(name, pretrained=str(checkpoint), device="cpu")
+            model = open_clip.create_model(spec.name, pretrained=str(spec.checkpoint), device="cpu", **activation)
         except RuntimeError as err:
             raise PipelineError(
-                f"{checkpoint}: does not fit model {name} ({str(err).splitlines()[0][:200]})"
+                f"{spec.checkpoint}: does not fit model {spec.name} ({str(err).splitlines()[0][:200]})"
             ) from None
-        return model, tokenizer
-    if config.pretrained:
+    elif spec.source == "tag":
+        tag = dict(spec.labels)["pretrained"]
         try:
-            model = open_clip.create_model(name, pretrained=config.pretrained, device="cpu")
-        except Exception as err:  # download or tag errors: report them in one line
+            model = open_clip.create_model(spec.name, pretrained=tag, device="cpu", **activation)
+        except Exception as err:  # download errors: report them in one line
             raise PipelineError(
-                f"--teacher-pretrained {config.pretrained} for {name}: could not load "
+                f"--teacher-pretrained {tag} for {spec.name}: could not load "
                 f"({str(err).splitlines()[0][:200]}); needs internet access, or pass "
                 f"--teacher-checkpoint FILE"
             ) from None
-        return model, tokenizer
-    if not allow_random:
+    elif not allow_random:
         raise PipelineError(
-            f"teacher {name}: no weights given; set --teacher-pretrained or --teacher-checkpoint"
+            f"teacher {spec.name}: no weights given; set --teacher-pretrained or --teacher-checkpoint"
         )
-    return open_clip.create_model(name, device="cpu"), tokenizer
+    else:
+        model = open_clip.create_model(spec.name, device="cpu", **activation)
+    built = model.visual.preprocess_cfg
+    assert [list(map(float, built[k])) for k in ("mean", "std")] == [spec.preprocess[k] for k in ("mean", "std")], \
+        "the resolved preprocessing (in the identity) differs from open_clip's"
+    return model, tokenizer
 
 
 def load_teacher(config: TeacherConfig, device: str = "auto", allow_random: bool = False,
                  precision: str = "bf16") -> Teacher:
     """Build the frozen teacher of `config` on `device` ('auto': cuda when available)."""
     target = resolve_device(device)
-    model, tokenizer = build_model(config, allow_random=allow_random)
-    identity = teacher_identity(config) if (config.checkpoint or config.pretrained) else (
-        f"{teacher_identity(config)} weights=random")
+    spec = resolve_teacher(config)
+    model, tokenizer = build_model(config, allow_random=allow_random, spec=spec)
+    identity = spec.identity if spec.source != "random" else f"{spec.identity} weights=random"
     teacher = Teacher(model, tokenizer, identity, target, precision)
     log.info("teacher %s: image %dpx, embedding %d, on %s", identity, teacher.image_size,
              teacher.embed_dim, target)

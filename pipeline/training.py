@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline.cache import ShardTargets, TeacherCache
 from pipeline.config import TrainConfig, to_dict, write_resolved
 from pipeline.errors import PipelineError
+from pipeline.progress import Progress
 from pipeline.shards import Sample, ShardBatches, iterate_batches
 from pipeline.student import Student, build_student, save_checkpoint
 from pipeline.teacher import autocast, resolve_device
@@ -52,14 +52,15 @@ class ReplayViews:
     """prepare/shard_context for ShardBatches: replays one stored view per image per epoch."""
 
     def __init__(self, cache: TeacherCache, seed: int, epoch: int, image_size: int,
-                 with_targets: bool) -> None:
+                 with_targets: bool, with_embeddings: bool = False) -> None:
         self.cache, self.seed, self.epoch = cache, seed, epoch
         self.image_size, self.with_targets = image_size, with_targets
+        self.with_embeddings = with_embeddings
 
     def context(self, shard: int) -> ShardReplay:
         count = int(self.cache.image_count[shard])
         views = chosen_views(self.seed, self.epoch, shard, count, self.cache.header.views_per_image)
-        targets = self.cache.shard_targets(shard, views)
+        targets = self.cache.shard_targets(shard, views, self.with_embeddings)
         return ShardReplay(targets, targets.row_of_position())
 
     def __call__(self, sample: Sample, replay: ShardReplay) -> dict[str, torch.Tensor]:
@@ -72,6 +73,8 @@ class ReplayViews:
         prepared = {"pixels": apply_view(sample.image, replay.targets.params[row], self.image_size)}
         if self.with_targets:
             prepared["targets"] = torch.from_numpy(replay.targets.similarities[row])
+        if self.with_embeddings:
+            prepared["teacher_embeddings"] = torch.from_numpy(replay.targets.embeddings[row])
         return prepared
 
 
@@ -84,6 +87,7 @@ class Objective:
     loss: Callable[[torch.Tensor, dict[str, Any]], dict[str, torch.Tensor]]
     needs_targets: bool
     score_name: str  # the per-batch quality term reported beside the loss
+    needs_embeddings: bool = False  # the cached teacher image embeddings of the views
 
 
 def batches_per_epoch(image_counts: np.ndarray, batch_size: int) -> int:
@@ -198,12 +202,13 @@ def train_one_epoch(
     device: torch.device,
 ) -> None:
     model.train()
-    replay = ReplayViews(cache, config.seed, state.epoch, config.image_size, objective.needs_targets)
+    replay = ReplayViews(cache, config.seed, state.epoch, config.image_size, objective.needs_targets,
+                         objective.needs_embeddings)
     dataset = ShardBatches(shards, config.batch_size, replay, replay.context,
                            order_seed=config.seed, epoch=state.epoch)
     sums = state.epoch_sums or {"loss": 0.0, "score": 0.0, "images": 0, "seconds": 0.0}
-    progress = tqdm(total=steps_per_epoch, initial=state.step_in_epoch, unit="step",
-                    desc=f"{objective.name} {state.epoch + 1}/{config.epochs}")
+    progress = Progress(steps_per_epoch, f"{objective.name} {state.epoch + 1}/{config.epochs}", "step",
+                        initial=state.step_in_epoch)
     started = time.perf_counter()
     for index, batch in enumerate(iterate_batches(dataset, config.workers,
                                                   pin_memory=device.type == "cuda")):
@@ -214,6 +219,13 @@ def train_one_epoch(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             terms = train_step(model, optimizer, objective, batch, anchors, device)
+            if not torch.isfinite(terms["loss"]):
+                # Stop before anything is saved: last.pt still holds the last good state.
+                raise PipelineError(
+                    f"{objective.name}: the loss is {terms['loss'].item()} at epoch {state.epoch + 1}, step "
+                    f"{state.step_in_epoch + 1} (lr {lr:.2g}); {state.path} keeps the last good checkpoint; "
+                    f"lower --lr, or check the cache with `python -m pipeline inspect`"
+                )
             n = len(batch["keys"])
             sums["loss"] += terms["loss"].item() * n
             sums["score"] += terms[objective.score_name].item() * n

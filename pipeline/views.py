@@ -4,7 +4,8 @@ A view is a random resized crop plus an optional horizontal flip, described by
 `VIEW_FIELDS`: the crop box as fractions of the original image (x0, y0, width, height) and
 the flip flag. Stage one samples V parameter sets per image and stores them; stage two
 replays them with the same `apply_view`, at the student's resolution, so teacher and
-student see the same region of the same image.
+student see the same region of the same image. Evaluation (probe features, zero-shot) uses
+`eval_view` instead: CLIP's own evaluation preprocessing.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 VIEW_FIELDS = ("x0", "y0", "width", "height", "flip")
 CENTER_VIEW = np.array([0.0, 0.0, 1.0, 1.0, 0.0], dtype=np.float32)
@@ -92,6 +96,23 @@ def apply_view(image: torch.Tensor, params: np.ndarray | torch.Tensor, size: int
     if float(params[4]) >= 0.5:
         view = view.flip(-1)
     return view.contiguous()
+
+
+def eval_view(image: torch.Tensor, size: int) -> torch.Tensor:
+    """The evaluation view of a (3, H, W) uint8 image: (3, size, size) uint8.
+
+    The shorter side resized to `size` (bicubic), then the central size x size crop: OpenAI's
+    and open_clip's eval transform (torchvision's Resize(size, BICUBIC) + CenterCrop(size) on a
+    PIL image), so teacher numbers are comparable with published ones; the student gets the
+    same geometry at its own resolution. Squashing a non-square image would distort it. The
+    same torchvision functions on the same PIL kernels give open_clip's pixels exactly; the
+    tensor kernels differ by up to 2/255 at a few pixels, and cost as much here.
+    """
+    if image.shape[1:] == (size, size):
+        return image
+    picture = Image.fromarray(image.permute(1, 2, 0).numpy())
+    picture = TF.center_crop(TF.resize(picture, size, interpolation=InterpolationMode.BICUBIC), size)
+    return torch.from_numpy(np.array(picture)).permute(2, 0, 1).contiguous()
 
 
 def normalize_pixels(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

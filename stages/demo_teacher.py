@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from pipeline import demo_world
 from pipeline.config import DemoTeacherConfig, TeacherConfig, write_resolved
 from pipeline.errors import PipelineError
 from pipeline.features import extract_features, top1, zero_shot_scores
 from pipeline.losses import caption_contrastive_loss
-from pipeline.prompts import anchor_embeddings, build_prompt_set
+from pipeline.progress import Progress
+from pipeline.prompts import class_anchors
 from pipeline.shards import list_shards, read_classes
 from pipeline.teacher import Teacher, build_model
 from pipeline.views import apply_view, normalize_pixels, sample_view_params
@@ -80,22 +80,28 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 @torch.no_grad()
-def zero_shot_accuracy(teacher: Teacher, config: DemoTeacherConfig) -> dict[str, float]:
-    """Zero-shot top-1 on the val shards with plain and with CPA class anchors."""
+def zero_shot_accuracy(teacher: Teacher, config: DemoTeacherConfig) -> dict[str, Any]:
+    """Zero-shot top-1 on the val shards with plain and with CPA class anchors.
+
+    Also per class, for the classes that have CPA contexts (the demo world's homonyms):
+    `per_class[id] = {"name", "context", "plain", "cpa"}`.
+    """
     shards = list_shards(config.shards, "val")
     classes = read_classes(config.shards)
     features, labels, _ = extract_features(
         shards, {"teacher": (teacher.image_size, teacher.encode_image)}, 256, 0, "zero-shot"
     )
-    results = {}
+    results: dict[str, Any] = {"per_class": {
+        c.id: {"name": c.name, "context": ", ".join(c.contexts)} for c in classes if c.contexts}}
     for prompt_set in ("plain", "cpa"):
-        prompts = build_prompt_set(classes, replace(config.prompts, set=prompt_set, anchors="class"))
-        embeddings = teacher.encode_text(list(prompts.prompts))
-        anchors = anchor_embeddings(embeddings, torch.tensor(prompts.prompt_classes),
-                                    prompts.num_classes, "class")
+        anchors = class_anchors(teacher.encode_text, classes, config.prompts, prompt_set)
         scores = zero_shot_scores(features["teacher"], anchors, torch.arange(len(classes)),
                                   len(classes))
         results[prompt_set] = top1(scores, labels)
+        correct = scores.argmax(-1) == labels
+        for c in classes:
+            if c.id in results["per_class"]:
+                results["per_class"][c.id][prompt_set] = round(float(correct[labels == c.index].float().mean()), 4)
     return results
 
 
@@ -141,7 +147,7 @@ def run(config: DemoTeacherConfig) -> dict[str, Any]:
     loader = DataLoader(stream, batch_size=config.batch_size, sampler=sampler,
                         num_workers=config.workers, drop_last=True)
     model.train()
-    progress = tqdm(total=config.steps, initial=step, desc="demo-teacher", unit="step")
+    progress = Progress(config.steps, "demo-teacher", "step", initial=step)
     started = time.perf_counter() - elapsed
     for images, tokens, caption_ids in loader:
         for group in optimizer.param_groups:
@@ -166,7 +172,7 @@ def run(config: DemoTeacherConfig) -> dict[str, Any]:
             save_weights(model, out)
             if evaluate_now:
                 accuracy = zero_shot_accuracy(evaluation_teacher(config), config)
-                history[-1].update(accuracy)
+                history[-1].update(plain=accuracy["plain"], cpa=accuracy["cpa"])
                 log.info("step %d: zero-shot plain %.3f, cpa %.3f", step, accuracy["plain"],
                          accuracy["cpa"])
                 model.train()
@@ -181,6 +187,7 @@ def run(config: DemoTeacherConfig) -> dict[str, Any]:
     metrics = {
         "zero_shot_top1_plain": accuracy["plain"],
         "zero_shot_top1_cpa": accuracy["cpa"],
+        "zero_shot_per_class_with_context": accuracy["per_class"],
         "steps": config.steps,
         "batch_size": config.batch_size,
         "train_seconds": round(seconds, 1),

@@ -14,10 +14,10 @@ from typing import Any
 from pipeline.cache import TeacherCache
 from pipeline.config import DistillConfig
 from pipeline.errors import PipelineError
-from pipeline.losses import csm_loss
+from pipeline.losses import csm_loss, embedding_loss
 from pipeline.prompts import build_prompt_set, prompt_set_digest
 from pipeline.shards import list_shards, read_classes, shard_list_digest
-from pipeline.teacher import teacher_identity
+from pipeline.teacher import identity_difference, teacher_identity
 from pipeline.training import Objective, train, write_outputs
 
 log = logging.getLogger(__name__)
@@ -29,8 +29,9 @@ def check_cache(cache: TeacherCache, config: DistillConfig, shards: list[Path]) 
     expected_teacher = teacher_identity(config.teacher)
     if header.teacher_identity != expected_teacher:
         raise PipelineError(
-            f"{cache.path}: made by teacher '{header.teacher_identity}', but the params ask for "
-            f"'{expected_teacher}'; re-run precompute or fix the teacher options"
+            f"{cache.path}: made by teacher build differing from the params' "
+            f"({identity_difference(header.teacher_identity, expected_teacher)}); "
+            f"re-run precompute or fix the teacher options"
         )
     prompt_set = build_prompt_set(read_classes(config.train.shards), config.prompts)
     expected_digest = prompt_set_digest(prompt_set, expected_teacher)
@@ -48,24 +49,39 @@ def check_cache(cache: TeacherCache, config: DistillConfig, shards: list[Path]) 
 
 
 def csm_objective(config: DistillConfig, embed_dim: int) -> Objective:
+    """CSM, embedding distillation, or their sum (`--loss`); the score is always the agreement."""
+
     def loss(embeddings, batch: dict[str, Any]):
-        return csm_loss(batch["targets"], embeddings, batch["anchors"], config.tau_teacher,
-                        config.tau_student)
+        csm = csm_loss(batch["targets"], embeddings, batch["anchors"], config.tau_teacher,
+                       config.tau_student)
+        if config.loss == "csm":
+            return csm
+        feature = embedding_loss(batch["teacher_embeddings"], embeddings)
+        weight = 1.0 if config.loss == "embedding" else config.embedding_weight
+        total = feature["loss"] * weight + (csm["loss"] if config.loss == "both" else 0.0)
+        return {**csm, "cosine": feature["cosine"], "loss": total}
 
     spec = {"arch": config.train.arch, "out_dim": embed_dim, "head": config.train.head,
             "head_hidden": config.train.head_hidden, "normalize_output": True}
-    return Objective("distill", spec, loss, needs_targets=True, score_name="agreement")
+    return Objective("distill", spec, loss, needs_targets=True, score_name="agreement",
+                     needs_embeddings=config.loss != "csm")
 
 
 def run(config: DistillConfig) -> dict[str, Any]:
     if config.tau_teacher <= 0 or config.tau_student <= 0:
         raise PipelineError("options --tau-teacher and --tau-student must be positive")
+    if config.embedding_weight < 0:
+        raise PipelineError("option --embedding-weight must be >= 0")
     shards = list_shards(config.train.shards, "train")
     cache = TeacherCache(config.train.cache)
     check_cache(cache, config, shards)
     objective = csm_objective(config, cache.header.embed_dim)
+    if objective.needs_embeddings and not cache.header.store_embeddings:
+        raise PipelineError(f"{cache.path}: --loss {config.loss} needs teacher image embeddings; "
+                            f"re-run precompute with --store-embeddings")
     model, history = train(config.train, objective, cache, shards, Path(config.run_dir),
-                           {"tau_teacher": config.tau_teacher, "tau_student": config.tau_student})
+                           {"tau_teacher": config.tau_teacher, "tau_student": config.tau_student,
+                            "loss": config.loss, "embedding_weight": config.embedding_weight})
     final = history[-1]
     metrics = {
         "epochs": len(history),

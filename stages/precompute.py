@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline import cache
 from pipeline.config import PrecomputeConfig, write_resolved
 from pipeline.errors import PipelineError
+from pipeline.progress import Progress
 from pipeline.prompts import anchor_embeddings, build_prompt_set, prompt_set_digest
 from pipeline.shards import (
     Sample,
@@ -29,6 +29,7 @@ from pipeline.shards import (
     iterate_batches,
     list_shards,
     read_classes,
+    sample_count,
     shard_list_digest,
 )
 from pipeline.teacher import load_teacher
@@ -175,8 +176,7 @@ def encode_shards(
                            shard_indices=todo)
     anchors_t = anchors.to(teacher.device).T
     pending: dict[int, dict[str, list]] = {}
-    total = estimated_images(config.shards, [shards[s].name for s in todo])
-    progress = tqdm(total=total, desc="precompute", unit="img")
+    progress = Progress(sample_count([shards[s] for s in todo]), "precompute", "img")
     images = 0
     for batch in iterate_batches(dataset, config.workers, pin_memory=teacher.device.type == "cuda"):
         buffer = pending.setdefault(batch["shard"], {k: [] for k in
@@ -188,6 +188,14 @@ def encode_shards(
             views = batch["views"].flatten(0, 1)
             embeddings = teacher.encode_image(views)
             similarities = (embeddings @ anchors_t).cpu()
+            if not torch.isfinite(similarities).all():  # refused before anything is written
+                bad = sorted({batch["keys"][i // config.views] for i in
+                              torch.nonzero(~torch.isfinite(similarities).all(-1)).flatten().tolist()})
+                raise PipelineError(
+                    f"{shards[batch['shard']]}: the teacher gave non-finite similarities for "
+                    f"{len(bad)} image(s) ({', '.join(bad[:3])}); check the teacher weights "
+                    f"(--teacher-checkpoint) and --precision"
+                )
             buffer["keys"].extend(batch["keys"])
             buffer["positions"].append(batch["positions"].numpy())
             buffer["labels"].append(batch["labels"].numpy())
@@ -223,16 +231,6 @@ def write_shard_part(out: Path, shard: int, buffer: dict[str, list], header: cac
         log.warning("shard %d: skipped %d corrupt sample(s): %s", shard, len(buffer["corrupt"]),
                     ", ".join(buffer["corrupt"][:5]))
     cache.write_part(out, part, header)
-
-
-def estimated_images(shard_dir: str, names: list[str]) -> int | None:
-    """Sample count of the given shards from the manifest, for the progress bar."""
-    manifest = Path(shard_dir) / "manifest.json"
-    if not manifest.is_file():
-        return None
-    rows = json.loads(manifest.read_text()).get("splits", {}).get("train", {}).get("shards", [])
-    counts = {row["name"]: row["samples"] for row in rows}
-    return sum(counts.get(name, 0) for name in names) or None
 
 
 def write_metrics(path: str, metrics: dict[str, Any]) -> None:

@@ -5,8 +5,10 @@ resolution) for the teacher (image embeddings), the distilled student (pooled ba
 features, before the head), a random-init student of the same architecture and seed (the
 floor) and the supervised reference (the ceiling). Linear probe: multinomial logistic
 regression on standardised features, regularisation chosen on a held-out share of train,
-refit on all of train, top-1/top-5 on val. Zero-shot on val against the cache's anchors:
-the teacher's image embedding and the student's projected embedding.
+refit on all of train, top-1/top-5 on val; for the student also on its projected embedding
+(`linear_top1_embedding`). Zero-shot on val against the cache's anchors: the teacher's image
+embedding and the student's projected embedding; and the teacher against plain and CPA
+class anchors (`zeroshot_top1_plain`, `zeroshot_top1_cpa`), whatever prompt set the cache holds.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from pipeline.config import ProbeConfig, write_resolved
 from pipeline.errors import PipelineError
 from pipeline.features import extract_features, zero_shot_scores
 from pipeline.linear_probe import linear_probe, topk_accuracy
-from pipeline.shards import list_shards, read_classes
+from pipeline.prompts import class_anchors
+from pipeline.shards import list_shards, manifest_rows, read_classes
 from pipeline.student import Student, build_student, load_student
-from pipeline.teacher import load_teacher, resolve_device
+from pipeline.teacher import identity_difference, load_teacher, resolve_device
 from pipeline.training import write_json
 
 log = logging.getLogger(__name__)
@@ -67,8 +70,9 @@ def run(config: ProbeConfig) -> dict[str, Any]:
     teacher = load_teacher(config.teacher, config.device)
     if teacher.identity != cache.header.teacher_identity:
         raise PipelineError(
-            f"{config.cache}: made by teacher '{cache.header.teacher_identity}', but the params name "
-            f"'{teacher.identity}'"
+            f"{config.cache}: made by teacher build differing from the params' "
+            f"({identity_difference(cache.header.teacher_identity, teacher.identity)}); "
+            f"re-run precompute or fix the teacher options"
         )
     classes = read_classes(config.shards)
     size = int(checkpoint["image_size"])
@@ -81,22 +85,25 @@ def run(config: ProbeConfig) -> dict[str, Any]:
     train_shards = list_shards(config.shards, "train")
     if config.max_train_images:
         train_shards = first_shards_with(train_shards, config.max_train_images, config.shards)
+    encoders["student_embedding"] = (size, embedding_encoder(student, device))
     train_features, train_labels, _ = extract_features(train_shards, encoders, config.batch_size,
                                                        config.workers, "probe train")
-    val_encoders = {**encoders, "student_embedding": (size, embedding_encoder(student, device))}
-    val_features, val_labels, _ = extract_features(list_shards(config.shards, "val"), val_encoders,
+    val_features, val_labels, _ = extract_features(list_shards(config.shards, "val"), encoders,
                                                    config.batch_size, config.workers, "probe val")
     if (train_labels < 0).any() or (val_labels < 0).any():
         raise PipelineError(f"{config.shards}: the probe needs labelled train and val shards")
 
     num_classes = len(classes)
     metrics: dict[str, dict[str, float]] = {}
-    for name in ROWS:
+    for name in (*ROWS, "student_embedding"):
         if name not in train_features:
             continue
         result = linear_probe(train_features[name], train_labels, val_features[name], val_labels,
                               num_classes, holdout_fraction=config.holdout_fraction, seed=config.seed)
-        metrics[name] = {"linear_top1": result.top1, "linear_top5": result.top5}
+        if name == "student_embedding":  # the projected embedding, beside the pooled features
+            metrics["student"].update(linear_top1_embedding=result.top1, linear_top5_embedding=result.top5)
+        else:
+            metrics[name] = {"linear_top1": result.top1, "linear_top5": result.top5}
         log.info("%s: linear top-1 %.3f (weight decay %.1e)", name, result.top1, result.weight_decay)
     anchors, anchor_classes = cache.anchors(), cache.anchor_classes()
     for name, features in (("teacher", val_features["teacher"]),
@@ -104,6 +111,11 @@ def run(config: ProbeConfig) -> dict[str, Any]:
         scores = zero_shot_scores(features, anchors, anchor_classes, num_classes)
         metrics[name]["zeroshot_top1"] = topk_accuracy(scores, val_labels, 1)
         metrics[name]["zeroshot_top5"] = topk_accuracy(scores, val_labels, min(5, num_classes))
+    for prompt_set in ("plain", "cpa"):  # the teacher with either prompt set, whatever the cache holds
+        set_anchors = class_anchors(teacher.encode_text, classes, config.prompts, prompt_set)
+        scores = zero_shot_scores(val_features["teacher"], set_anchors, torch.arange(num_classes),
+                                  num_classes)
+        metrics["teacher"][f"zeroshot_top1_{prompt_set}"] = topk_accuracy(scores, val_labels, 1)
     write_json(config.out, metrics)
     write_resolved(config, Path(config.out).with_suffix(".config.json"))
     plots = Path(config.plots)
@@ -116,11 +128,7 @@ def run(config: ProbeConfig) -> dict[str, Any]:
 
 def first_shards_with(shards: list[Path], images: int, shard_dir: str) -> list[Path]:
     """The leading shards holding at least `images` samples (per the manifest)."""
-    manifest = Path(shard_dir) / "manifest.json"
-    counts = {}
-    if manifest.is_file():
-        rows = json.loads(manifest.read_text())["splits"]["train"]["shards"]
-        counts = {row["name"]: row["samples"] for row in rows}
+    counts = {name: row["samples"] for name, row in manifest_rows(Path(shard_dir)).items()}
     chosen, total = [], 0
     for shard in shards:
         chosen.append(shard)

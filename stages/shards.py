@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from tqdm import tqdm
 
 from pipeline import demo_world
 from pipeline.config import ShardsConfig, write_resolved
 from pipeline.errors import PipelineError
+from pipeline.progress import Progress
 from pipeline.resources import imagenet_by_wnid
 from pipeline.shards import (
     MANIFEST_FILE,
@@ -73,7 +73,7 @@ def write_split(
 
 def parallel_map(function: Callable, items: Sequence, workers: int, desc: str) -> Iterator:
     """function(item) for each item, in order, over `workers` processes."""
-    progress = tqdm(total=len(items), desc=desc, unit="img", leave=False)
+    progress = Progress(len(items), desc, "img")
     if workers <= 1:
         for item in items:
             yield function(item)
@@ -104,8 +104,8 @@ def write_demo(config: ShardsConfig, out: Path) -> dict[str, Any]:
         raise PipelineError("option --image-size must be at least 16 for the demo source")
     out.mkdir(parents=True, exist_ok=True)
     remove_old_shards(out)
-    contexts = tuple(demo_world.demo_contexts())
-    write_classes(out, [ClassInfo(c.index, c.id, c.name, contexts) for c in demo_world.demo_classes()])
+    write_classes(out, [ClassInfo(c.index, c.id, c.name, demo_world.demo_contexts(c))
+                        for c in demo_world.demo_classes()])
     splits = {}
     for split, count in (("train", config.train), ("val", config.val)):
         jobs = [(config.seed, split, i, config.image_size) for i in range(count)]

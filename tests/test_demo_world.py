@@ -7,11 +7,22 @@ import numpy as np
 from pipeline import demo_world
 
 
-def test_at_least_32_classes_with_unique_names():
+def test_at_least_32_classes_unique_but_for_homonym_pairs():
     classes = demo_world.demo_classes()
     assert len(classes) >= 32
     assert [c.index for c in classes] == list(range(len(classes)))
-    assert len({c.name for c in classes}) == len(classes)
+    assert len({c.id for c in classes}) == len(classes)
+    by_name = {}
+    for c in classes:
+        by_name.setdefault(c.name, []).append(c)
+    shared = {name: group for name, group in by_name.items() if len(group) > 1}
+    assert sorted(shared) == sorted(demo_world.HOMONYMS) and len(shared) >= 4
+    for name, (a, b) in shared.items():  # visually distinct: other colour and other shape
+        assert a.colour != b.colour and a.shape != b.shape, name
+        assert a.sense and b.sense and a.sense != b.sense
+        assert demo_world.demo_contexts(a) == (a.sense,)
+    senses = [c.sense for c in classes if c.sense]
+    assert len(set(senses)) == len(senses)  # every sense word names one class
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes():
@@ -24,13 +35,28 @@ def test_same_seed_same_bytes_other_seed_other_bytes():
     assert a.key == "demo_train_0000007"
 
 
-def test_captions_name_colour_and_shape_in_varied_phrasing():
-    samples = [demo_world.make_sample(0, "train", i) for i in range(200)]
+def test_captions_name_the_class_in_varied_phrasing():
+    samples = [demo_world.make_sample(0, "train", i) for i in range(400)]
+    classes = demo_world.demo_classes()
+    with_sense = 0
+    homonym_samples = 0
     for s in samples:
-        assert s.attributes.colour in s.attributes.caption
-        assert s.attributes.shape in s.attributes.caption
-    assert len({s.attributes.caption for s in samples}) > 150
-    assert len({s.attributes.label for s in samples}) > 40
+        cls = classes[s.attributes.label]
+        caption = s.attributes.caption
+        words = set(caption.replace(",", " ").replace(".", " ").split())
+        if cls.sense:
+            homonym_samples += 1
+            assert cls.name in words and cls.colour not in words and cls.shape not in words
+            with_sense += f"{cls.name}, a kind of {cls.sense}" in caption
+            assert not any(other.sense in words for other in classes
+                           if other.sense and other.sense != cls.sense)
+        else:
+            assert cls.colour in words and cls.shape in words
+        assert ",." not in caption and ",," not in caption and not caption.endswith(",")
+    assert homonym_samples > 80
+    assert 0.35 < with_sense / homonym_samples < 0.65  # CONTEXT_RATE = 0.5
+    assert len({s.attributes.caption for s in samples}) > 300
+    assert len({s.attributes.label for s in samples}) == len(classes)
 
 
 def test_nuisances_vary_within_a_class():

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.losses import csm_loss
+from pipeline.losses import csm_loss, embedding_loss
 from pipeline.student import load_student
 from stages import distill, precompute
 from tests.conftest import ROOT, make_tiny_teacher, precompute_config, stage_config
@@ -45,6 +45,14 @@ def test_csm_loss_is_zero_when_student_matches_and_handles_topk():
     truncated[:, 0] = float("-inf")  # an anchor a top-k cache left out
     loss = csm_loss(truncated, z, anchors, 0.07, 0.07)["loss"]
     assert torch.isfinite(loss) and loss.item() > 0
+
+
+def test_embedding_loss_is_one_minus_cosine():
+    teacher = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    student = torch.tensor([[0.6, 0.8], [0.0, -1.0]])  # cosines 0.6 and -1
+    terms = embedding_loss(teacher, student)
+    assert terms["loss"].item() == pytest.approx(((1 - 0.6) + (1 + 1)) / 2)
+    assert terms["cosine"].item() == pytest.approx((0.6 - 1) / 2)
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +140,20 @@ def test_mismatched_caches_are_refused(demo_shards, demo_cache, tiny_teacher, tm
     with pytest.raises(PipelineError, match="format version 0"):
         distill.run(distill_config(demo_shards, old, tiny_teacher, tmp_path))
     assert not (tmp_path / "student.pt").exists()
+
+
+def test_embedding_distillation_learns_the_teacher_embeddings(demo_shards, demo_cache, tiny_teacher, tmp_path):
+    with pytest.raises(PipelineError, match="--store-embeddings"):
+        distill.run(distill_config(demo_shards, demo_cache, tiny_teacher, tmp_path, loss="embedding"))
+    cache = tmp_path / "with-embeddings.h5"
+    precompute.run(precompute_config(demo_shards, cache, tiny_teacher, store_embeddings=True))
+    results = {}
+    for loss in ("embedding", "both"):
+        out = tmp_path / loss
+        distill.run(distill_config(demo_shards, cache, tiny_teacher, out, loss=loss))
+        rows = [r.split(",") for r in (out / "distill.csv").read_text().splitlines()[1:]]
+        results[loss] = [float(r[1]) for r in rows]
+    # embedding: loss = 1 - mean cosine, which must fall; both: CSM + embedding terms
+    assert results["embedding"][-1] < 0.7 * results["embedding"][0]
+    assert 0 <= results["embedding"][-1] < 1
+    assert results["both"][-1] < 0.8 * results["both"][0]

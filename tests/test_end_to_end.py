@@ -21,8 +21,10 @@ import yaml
 from tests.conftest import ROOT, write_image
 
 PROBE_KEYS = {
-    "teacher": {"linear_top1", "linear_top5", "zeroshot_top1", "zeroshot_top5"},
-    "student": {"linear_top1", "linear_top5", "zeroshot_top1", "zeroshot_top5"},
+    "teacher": {"linear_top1", "linear_top5", "zeroshot_top1", "zeroshot_top5", "zeroshot_top1_plain",
+                "zeroshot_top1_cpa"},
+    "student": {"linear_top1", "linear_top5", "zeroshot_top1", "zeroshot_top5", "linear_top1_embedding",
+                "linear_top5_embedding"},
     "random_init": {"linear_top1", "linear_top5"},
     "supervised": {"linear_top1", "linear_top5"},
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import pytest
 import torch
@@ -11,7 +12,13 @@ import torch.nn.functional as F
 from pipeline import demo_world
 from pipeline.config import PromptsConfig
 from pipeline.errors import PipelineError
-from pipeline.prompts import anchor_embeddings, build_prompt_set, prompt_set_digest, read_templates
+from pipeline.prompts import (
+    anchor_embeddings,
+    build_prompt_set,
+    class_anchors,
+    prompt_set_digest,
+    read_templates,
+)
 from pipeline.resources import DATA_DIR, imagenet_by_wnid
 from pipeline.shards import ClassInfo
 from stages.shards import folder_class_info
@@ -53,17 +60,49 @@ def test_every_imagenet_class_gets_distinct_cpa_prompts():
     assert len(set(first_per_class.values())) == 1000
 
 
-def test_demo_cpa_covers_every_context_and_plain_every_template():
-    classes = [ClassInfo(c.index, c.id, c.name, tuple(demo_world.demo_contexts()))
+def test_demo_cpa_disambiguates_exactly_the_homonyms():
+    classes = [ClassInfo(c.index, c.id, c.name, demo_world.demo_contexts(c))
                for c in demo_world.demo_classes()]
+    homonyms = [c for c in classes if c.contexts]
+    assert len(homonyms) == 2 * len(demo_world.HOMONYMS)
     cpa = build_prompt_set(classes, DEMO)
-    contexts = len(demo_world.demo_contexts())
-    assert len(cpa.prompts) == len(classes) * contexts * 2
-    assert "a photo of a red star, small, on a dark striped background." in cpa.prompts
     plain = build_prompt_set(classes, dataclasses.replace(DEMO, set="plain"))
     assert len(plain.prompts) == len(classes) * 3 and plain.prompts[0] == "a photo of a red circle."
+    assert len(cpa.prompts) == len(classes) * 3  # one context per homonym, 3 templates each
+
+    def prompts_of(prompt_set, index):
+        return [p for p, c in zip(prompt_set.prompts, prompt_set.prompt_classes, strict=True) if c == index]
+
+    crane_bird = next(c for c in classes if c.id == "red_triangle")
+    crane_machine = next(c for c in classes if c.id == "blue_cross")
+    assert crane_bird.name == crane_machine.name == "crane"
+    # plain prompts cannot tell the two cranes apart; CPA prompts can
+    assert prompts_of(plain, crane_bird.index) == prompts_of(plain, crane_machine.index)
+    assert "a photo of a crane, a kind of bird." in prompts_of(cpa, crane_bird.index)
+    assert "a photo of a crane, a kind of machine." in prompts_of(cpa, crane_machine.index)
+    for c in classes:  # every other class: CPA falls back to the plain prompts
+        same = prompts_of(cpa, c.index) == prompts_of(plain, c.index)
+        assert same == (not c.contexts)
     assert cpa.num_anchors == len(classes)
     assert dataclasses.replace(cpa, anchors="prompt").num_anchors == len(cpa.prompts)
+
+
+def test_class_anchors_of_either_set_follow_the_text_encoder():
+    classes = [ClassInfo(c.index, c.id, c.name, demo_world.demo_contexts(c))
+               for c in demo_world.demo_classes()]
+    seen = []
+
+    def encode_text(texts):  # a deterministic stand-in text encoder: a random vector per string
+        seen.append(list(texts))
+        seeds = [int(hashlib.sha256(t.encode()).hexdigest()[:12], 16) for t in texts]
+        return torch.stack([torch.randn(64, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+    plain = class_anchors(encode_text, classes, DEMO, "plain")
+    cpa = class_anchors(encode_text, classes, DEMO, "cpa")
+    assert plain.shape == cpa.shape == (len(classes), 64)
+    assert seen[0] == list(build_prompt_set(classes, dataclasses.replace(DEMO, set="plain")).prompts)
+    differs = [i for i in range(len(classes)) if not torch.allclose(plain[i], cpa[i])]
+    assert differs == [c.index for c in classes if c.contexts]
 
 
 def test_class_without_context_falls_back_to_plain_templates():

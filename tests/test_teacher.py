@@ -1,17 +1,28 @@
-"""Teacher loading: file round trip, identity, QuickGELU guard, clear errors."""
+"""Teacher loading: file round trip, identity (activation included), QuickGELU, clear errors."""
 
 from __future__ import annotations
 
+import h5py
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import QuickGELU
 from safetensors.torch import save_file
 
+from pipeline.cache import TeacherCache
 from pipeline.config import TeacherConfig
 from pipeline.errors import PipelineError
-from pipeline.teacher import is_torchscript_archive, load_teacher, teacher_identity
-from tests.conftest import make_tiny_teacher
+from pipeline.shards import list_shards, sha256_file
+from pipeline.teacher import (
+    identity_difference,
+    is_torchscript_archive,
+    load_teacher,
+    parse_identity,
+    teacher_identity,
+)
+from stages import distill, precompute
+from tests.conftest import make_tiny_teacher, precompute_config, stage_config
 
 
 def file_teacher(config, weights) -> TeacherConfig:
@@ -42,13 +53,68 @@ def test_identity_names_files_and_their_sha256(tmp_path):
     config, weights = make_tiny_teacher(tmp_path / "a", seed=0)
     identity = teacher_identity(file_teacher(config, weights))
     assert "config=tiny-clip.json" in identity and "checkpoint=tiny-clip.safetensors" in identity
+    assert f"checkpoint_sha256={sha256_file(weights)}" in identity
+    assert identity.endswith(f" act=gelu open_clip={open_clip.__version__}")
     other_config, other_weights = make_tiny_teacher(tmp_path / "b", seed=1)
     assert teacher_identity(file_teacher(config, other_weights)) != identity
-    pretrained = TeacherConfig(model="ViT-B-32", pretrained="openai", checkpoint="", config="")
-    assert teacher_identity(pretrained) == "model=ViT-B-32 pretrained=openai"
 
 
-def test_openai_weights_from_a_file_need_quickgelu(tmp_path):
+def pretrained_identity(model: str, tag: str) -> dict[str, str]:
+    return parse_identity(teacher_identity(TeacherConfig(model=model, pretrained=tag, checkpoint="", config="")))
+
+
+def test_the_openai_tag_gets_quickgelu_whatever_the_model_name_says():
+    """open_clip 3.x builds ViT-B-32 + openai with nn.GELU (it only warns); the tag decides here."""
+    openai = pretrained_identity("ViT-B-32", "openai")
+    assert openai["act"] == "quickgelu" and openai["open_clip"] == open_clip.__version__
+    assert pretrained_identity("ViT-B-32-quickgelu", "openai")["arch"] == openai["arch"]
+    laion = pretrained_identity("ViT-B-32", "laion2b_s34b_b79k")
+    assert laion["act"] == "gelu" and laion["arch"] != openai["arch"]
+    assert pretrained_identity("ViT-L-14", "openai")["act"] == "quickgelu"
+
+
+def test_random_teachers_are_built_with_the_activation_their_identity_records():
+    for model, module in (("RN50", torch.nn.GELU), ("RN50-quickgelu", QuickGELU)):
+        config = TeacherConfig(model=model, pretrained="", checkpoint="", config="")
+        teacher = load_teacher(config, "cpu", allow_random=True)
+        text_activations = {type(m) for m in teacher.model.transformer.modules()
+                            if isinstance(m, (torch.nn.GELU, QuickGELU))}
+        assert text_activations == {module}
+        assert teacher.identity == f"{teacher_identity(config)} weights=random"
+        assert parse_identity(teacher.identity)["act"] == ("gelu" if module is torch.nn.GELU else "quickgelu")
+
+
+def test_identity_difference_says_what_differs_in_one_line():
+    cache = "model=ViT-B-32 pretrained=openai arch=38d113a8020b act=quickgelu open_clip=3.2.0"
+    params = "model=ViT-B-32 pretrained=openai arch=38d113a8020b act=gelu open_clip=3.3.0"
+    assert identity_difference(cache, params) == (
+        "act: cache quickgelu, params gelu; open_clip: cache 3.2.0, params 3.3.0")
+    assert identity_difference(cache, cache) == ""
+    assert identity_difference("model=ViT-B-32 pretrained=openai", params) == (
+        "arch: cache (none), params 38d113a8020b; act: cache (none), params gelu; "
+        "open_clip: cache (none), params 3.3.0")
+    assert parse_identity("checkpoint=my file.pt checkpoint_sha256=ab") == {"checkpoint": "my file.pt",
+                                                                           "checkpoint_sha256": "ab"}
+
+
+def test_distill_refuses_a_cache_made_by_another_build_in_one_line(demo_shards, tiny_teacher, tmp_path):
+    out = tmp_path / "teacher.h5"
+    precompute.run(precompute_config(demo_shards, out, tiny_teacher, views=1))
+    config = stage_config("distill", **{"train.shards": str(demo_shards), "train.cache": str(out),
+                                        "teacher.config": str(tiny_teacher[0]),
+                                        "teacher.checkpoint": str(tiny_teacher[1])})
+    distill.check_cache(TeacherCache(out), config, list_shards(demo_shards, "train"))  # the same build fits
+    with h5py.File(out, "a") as f:
+        f.attrs["teacher_identity"] = str(f.attrs["teacher_identity"]).replace("act=gelu", "act=quickgelu").replace(
+            f"open_clip={open_clip.__version__}", "open_clip=2.26.1")
+    with pytest.raises(PipelineError) as error:
+        distill.check_cache(TeacherCache(out), config, list_shards(demo_shards, "train"))
+    message = str(error.value)
+    assert f"(act: cache quickgelu, params gelu; open_clip: cache 2.26.1, params {open_clip.__version__})" in message
+    assert "\n" not in message and "re-run precompute" in message
+
+
+def test_openai_named_state_dict_needs_quickgelu(tmp_path):
     weights = tmp_path / "ViT-B-32-openai.safetensors"
     save_file({"x": torch.zeros(1)}, str(weights))
     config = TeacherConfig(model="ViT-B-32", pretrained="", checkpoint=str(weights), config="")

@@ -1,12 +1,23 @@
-"""Views: sampled parameters are reproducible and valid; apply_view replays them exactly."""
+"""Views: sampled parameters are reproducible and valid; apply_view replays them exactly;
+eval_view is open_clip's evaluation preprocessing."""
 
 from __future__ import annotations
 
 import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from pipeline.views import CENTER_VIEW, apply_view, crop_box, normalize_pixels, sample_view_params, view_rng
+from pipeline.views import (
+    CENTER_VIEW,
+    apply_view,
+    crop_box,
+    eval_view,
+    normalize_pixels,
+    sample_view_params,
+    view_rng,
+)
 
 
 def test_same_seed_same_parameters_and_they_vary():
@@ -58,3 +69,35 @@ def test_normalize_pixels_scales_uint8_and_takes_floats_as_unit_range():
     assert torch.equal(floats, torch.tensor([0.5]))  # the input is never modified
     batch = torch.zeros(2, 3, 4, 4, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
     assert normalize_pixels(batch, zero, one).is_contiguous(memory_format=torch.channels_last)
+
+
+def textured_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """(H, W, 3) uint8: smooth stripes plus noise, so resampling differences show."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    smooth = np.stack([127 + 120 * np.sin(xx / 7 + c) * np.cos(yy / 11) for c in range(3)], axis=-1)
+    return np.clip(smooth + rng.normal(0, 20, (height, width, 3)), 0, 255).astype(np.uint8)
+
+
+def test_eval_view_is_open_clips_eval_preprocessing_on_non_square_images():
+    """Shorter side resized (bicubic), centre crop: open_clip's `preprocess` at the teacher's
+    resolution (224) and the same geometry at a student's (64), landscape and portrait."""
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    for height, width in ((300, 451), (500, 333)):
+        pixels = textured_image(height, width)
+        image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+        for size in (224, 64):
+            preprocess = open_clip.image_transform(size, is_train=False)  # what create_model_and_transforms gives
+            expected = preprocess(Image.fromarray(pixels))
+            ours = normalize_pixels(eval_view(image, size)[None], mean, std)[0]  # the teacher's own input step
+            assert ours.shape == expected.shape == (3, size, size)
+            assert ((ours - expected).abs() * std[0]).max().item() <= 1 / 255 + 1e-6, (height, width, size)
+            # Squashing the whole image (the former evaluation view) is not that.
+            squashed = normalize_pixels(apply_view(image, CENTER_VIEW, size)[None], mean, std)[0]
+            assert ((squashed - expected).abs() * std[0]).max().item() > 20 / 255
+
+
+def test_eval_view_keeps_an_image_already_at_size():
+    image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
+    assert torch.equal(eval_view(image, 64), image)
