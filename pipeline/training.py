@@ -218,7 +218,7 @@ def train_one_epoch(
         if len(batch["keys"]) >= MIN_BATCH:
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            terms = train_step(model, optimizer, objective, batch, anchors, device)
+            terms = train_step(model, optimizer, objective, batch, anchors, device, config.precision)
             if not torch.isfinite(terms["loss"]):
                 # Stop before anything is saved: last.pt still holds the last good state.
                 raise PipelineError(
@@ -264,11 +264,12 @@ def train_step(
     batch: dict[str, Any],
     anchors: torch.Tensor,
     device: torch.device,
+    precision: str = "bf16",
 ) -> dict[str, torch.Tensor]:
-    """One optimisation step on a batch (channels_last; bf16 autocast on GPU)."""
+    """One optimisation step on a batch (channels_last; bf16 autocast on GPU and native-bf16 CPUs)."""
     # uint8 views; the model normalises them (normalize_pixels keeps channels_last)
     pixels = batch["pixels"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-    with autocast(device):
+    with autocast(device, precision, cpu=True):
         output = model(pixels)
     terms = objective.loss(output.float(), {**to_device(batch, device), "anchors": anchors})
     optimizer.zero_grad(set_to_none=True)

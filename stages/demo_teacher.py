@@ -100,7 +100,7 @@ def zero_shot_accuracy(teacher: Teacher, config: DemoTeacherConfig) -> dict[str,
         results[prompt_set] = top1(scores, labels)
         correct = scores.argmax(-1) == labels
         for c in classes:
-            if c.id in results["per_class"]:
+            if c.id in results["per_class"] and (labels == c.index).any():
                 results["per_class"][c.id][prompt_set] = round(float(correct[labels == c.index].float().mean()), 4)
     return results
 
