@@ -88,7 +88,7 @@ def student_trainer(config: BenchConfig, out_dim: int, device: torch.device):
         shards=config.shards, cache=config.cache, arch=config.arch, head="mlp", head_hidden=512,
         image_size=config.image_size, epochs=1, batch_size=config.batch_size, optimizer="adamw", lr=1e-3,
         weight_decay=0.05, momentum=0.9, warmup_epochs=0.0, seed=0, workers=config.workers,
-        device=config.device, checkpoint_every=0)
+        device=config.device, precision="bf16", checkpoint_every=0)
     torch.manual_seed(0)
     model = build_student({"arch": config.arch, "out_dim": out_dim, "head": "mlp", "head_hidden": 512,
                            "normalize_output": True}).to(device, memory_format=torch.channels_last)
