@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from pipeline.cache import topk_index_dtype
 from stages import bench, precompute
 from tests.conftest import precompute_config, stage_config
 
@@ -25,7 +28,17 @@ def test_bench_reports_every_ratio(demo_shards, tiny_teacher, tmp_path, capsys):
     for key in ("plain_images_per_second", "cached_images_per_second", "online_images_per_second",
                 "teacher_views_per_second", "precompute_views_per_second"):
         assert written[key] > 0
-    assert written["bytes_per_view_topk"] < written["bytes_per_view_full"]
+    # the ratios are the quotients of the raw measurements they name
+    assert written["cached_over_plain"] == pytest.approx(
+        written["cached_images_per_second"] / written["plain_images_per_second"])
+    assert written["online_over_cached_time"] == pytest.approx(
+        written["cached_images_per_second"] / written["online_images_per_second"])
+    assert written["precompute_over_teacher"] == pytest.approx(
+        written["precompute_views_per_second"] / written["teacher_views_per_second"])
+    assert written["rss_growth_8x"] == pytest.approx(written["peak_rss_mib_8x"] / written["peak_rss_mib_1x"] - 1)
+    # 48 anchors: full float16 similarities take 96 bytes of a view, top-4 4 x (index + float16)
+    topk_bytes = 4 * (topk_index_dtype(48).itemsize + 2)
+    assert written["bytes_per_view_full"] - written["bytes_per_view_topk"] == pytest.approx(96 - topk_bytes, abs=0.5)
     assert written["cache_bytes_8x"] > written["cache_bytes_1x"]
     table = capsys.readouterr().out
     assert "cached_over_plain" in table and "(f) peak RSS" in table

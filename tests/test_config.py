@@ -26,7 +26,8 @@ def test_override_checks_types_and_choices():
     distill = load_config("distill", PARAMS)
     changed = override(distill, {"train.epochs": 7, "tau_teacher": 1})
     assert changed.train.epochs == 7 and changed.tau_teacher == 1.0
-    assert distill.train.epochs != 7 or distill is not changed
+    assert distill.train.epochs == read_params(PARAMS)["train"]["epochs"]  # the original is untouched
+    assert changed.train.lr == distill.train.lr and changed.teacher == distill.teacher
     with pytest.raises(PipelineError, match="integer"):
         override(distill, {"train.epochs": "seven"})
     with pytest.raises(PipelineError, match="one of"):

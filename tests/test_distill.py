@@ -11,12 +11,17 @@ import sys
 import time
 
 import h5py
+import numpy as np
 import pytest
 import torch
 
+from pipeline.cache import TeacherCache
 from pipeline.errors import PipelineError
 from pipeline.losses import csm_loss, embedding_loss
+from pipeline.shards import ShardBatches, iter_shard, iterate_batches, list_shards
 from pipeline.student import load_student
+from pipeline.training import ReplayViews, chosen_views
+from pipeline.views import apply_view
 from stages import distill, precompute
 from tests.conftest import ROOT, make_tiny_teacher, precompute_config, stage_config
 
@@ -44,7 +49,14 @@ def test_csm_loss_is_zero_when_student_matches_and_handles_topk():
     truncated = s.clone()
     truncated[:, 0] = float("-inf")  # an anchor a top-k cache left out
     loss = csm_loss(truncated, z, anchors, 0.07, 0.07)["loss"]
-    assert torch.isfinite(loss) and loss.item() > 0
+    # by hand: p_T is the softmax over anchors 1..3 only; p_S keeps all four
+    p_t = torch.softmax(s[:, 1:] / 0.07, dim=-1)
+    log_p_s = torch.log_softmax(s / 0.07, dim=-1)[:, 1:]
+    expected = (p_t * (p_t.log() - log_p_s)).sum(-1).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5) and loss.item() > 0
+    # = -log(1 - p_S(anchor 0)) per row: the mass the student puts where the teacher has none
+    p_s0 = torch.softmax(s / 0.07, dim=-1)[:, 0]
+    assert loss.item() == pytest.approx((-torch.log1p(-p_s0)).mean().item(), rel=1e-4)
 
 
 def test_embedding_loss_is_one_minus_cosine():
@@ -157,3 +169,31 @@ def test_embedding_distillation_learns_the_teacher_embeddings(demo_shards, demo_
     assert results["embedding"][-1] < 0.7 * results["embedding"][0]
     assert 0 <= results["embedding"][-1] < 1
     assert results["both"][-1] < 0.8 * results["both"][0]
+
+
+def test_shuffled_batches_pair_each_image_with_its_own_view_and_targets(demo_shards, demo_cache):
+    cache = TeacherCache(demo_cache)
+    shards = list_shards(demo_shards, "train")
+    seed, epoch, views = 3, 1, cache.header.views_per_image
+    replay = ReplayViews(cache, seed, epoch, 32, with_targets=True)
+    dataset = ShardBatches(shards, 16, replay, replay.context, order_seed=seed, epoch=epoch)
+    with h5py.File(demo_cache, "r") as f:
+        row_of_key = {k.decode(): i for i, k in enumerate(f["images/key"][:])}
+        similarities = f["views/similarities"][:].astype(np.float32)
+        params = f["views/params"][:]
+    images = {s.key: s.image for index, path in enumerate(shards) for s in iter_shard(path, index)}
+    positions: dict[int, list[int]] = {}
+    seen = 0
+    for batch in iterate_batches(dataset, 0):
+        shard = batch["shard"]
+        start = int(cache.image_start[shard])
+        chosen = chosen_views(seed, epoch, shard, int(cache.image_count[shard]), views)
+        for i, key in enumerate(batch["keys"]):
+            image = row_of_key[key]
+            row = image * views + int(chosen[image - start])
+            assert torch.equal(batch["targets"][i], torch.from_numpy(similarities[row])), key
+            assert torch.equal(batch["pixels"][i], apply_view(images[key], params[row], 32)), key
+            positions.setdefault(shard, []).append(int(batch["positions"][i]))
+            seen += 1
+    assert seen == cache.num_images
+    assert all(p != sorted(p) for p in positions.values())  # every shard's order really is shuffled

@@ -76,6 +76,8 @@ def test_dvc_repro_runs_everything_then_nothing_then_only_what_changed(tmp_path)
     metrics = json.loads((project / "metrics/probe.json").read_text())
     assert {name: set(row) for name, row in metrics.items()} == PROBE_KEYS
     assert all(0.0 <= v <= 1.0 for row in metrics.values() for v in row.values())
+    # the cache holds CPA class anchors: the probe's own CPA anchors give the same zero-shot
+    assert abs(metrics["teacher"]["zeroshot_top1"] - metrics["teacher"]["zeroshot_top1_cpa"]) <= 1 / 64
     for name in ("probe.png", "distill.png", "distill.csv", "supervised.csv"):
         assert (project / "plots" / name).stat().st_size > 0
 
