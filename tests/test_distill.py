@@ -42,6 +42,7 @@ def test_csm_loss_matches_a_hand_computation():
 
 
 def test_csm_loss_is_zero_when_student_matches_and_handles_topk():
+    torch.manual_seed(0)
     anchors = torch.nn.functional.normalize(torch.randn(4, 6), dim=-1)
     z = torch.nn.functional.normalize(torch.randn(5, 6), dim=-1)
     s = z @ anchors.T
@@ -53,10 +54,10 @@ def test_csm_loss_is_zero_when_student_matches_and_handles_topk():
     p_t = torch.softmax(s[:, 1:] / 0.07, dim=-1)
     log_p_s = torch.log_softmax(s / 0.07, dim=-1)[:, 1:]
     expected = (p_t * (p_t.log() - log_p_s)).sum(-1).mean()
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5) and loss.item() > 0
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-6) and loss.item() > 0
     # = -log(1 - p_S(anchor 0)) per row: the mass the student puts where the teacher has none
     p_s0 = torch.softmax(s / 0.07, dim=-1)[:, 0]
-    assert loss.item() == pytest.approx((-torch.log1p(-p_s0)).mean().item(), rel=1e-4)
+    assert loss.item() == pytest.approx((-torch.log1p(-p_s0)).mean().item(), rel=1e-4, abs=1e-6)
 
 
 def test_embedding_loss_is_one_minus_cosine():
