@@ -17,7 +17,7 @@ from pipeline.errors import PipelineError
 from pipeline.losses import csm_loss, embedding_loss
 from pipeline.prompts import build_prompt_set, prompt_set_digest
 from pipeline.shards import list_shards, read_classes, shard_list_digest
-from pipeline.teacher import identity_difference, teacher_identity
+from pipeline.teacher import require_same_teacher, teacher_identity
 from pipeline.training import Objective, train, write_outputs
 
 log = logging.getLogger(__name__)
@@ -27,12 +27,8 @@ def check_cache(cache: TeacherCache, config: DistillConfig, shards: list[Path]) 
     """Refuse a cache that does not hold what the params ask for, saying what differs."""
     header = cache.header
     expected_teacher = teacher_identity(config.teacher)
-    if header.teacher_identity != expected_teacher:
-        raise PipelineError(
-            f"{cache.path}: made by teacher build differing from the params' "
-            f"({identity_difference(header.teacher_identity, expected_teacher)}); "
-            f"re-run precompute or fix the teacher options"
-        )
+    require_same_teacher(cache.path, header.teacher_identity, expected_teacher,
+                         "re-run precompute or fix the teacher options")
     prompt_set = build_prompt_set(read_classes(config.train.shards), config.prompts)
     expected_digest = prompt_set_digest(prompt_set, expected_teacher)
     if header.prompt_digest != expected_digest:

@@ -30,7 +30,7 @@ from pipeline.errors import PipelineError
 from pipeline.features import zero_shot_scores
 from pipeline.shards import ClassInfo, decode_rgb, read_classes
 from pipeline.student import Student, load_student
-from pipeline.teacher import identity_difference, load_teacher, resolve_device, teacher_identity
+from pipeline.teacher import load_teacher, require_same_teacher, resolve_device, teacher_identity
 from pipeline.training import write_json
 from pipeline.views import eval_view
 from stages.shards import IMAGE_EXTENSIONS
@@ -194,12 +194,8 @@ def student_encoder(classifier: AnchorClassifier, device_name: str) -> Encoder:
 def teacher_encoder(classifier: AnchorClassifier, config: PredictConfig) -> Encoder:
     """The params' teacher, refused (before it is built) unless it is the one the cache records."""
     assert config.teacher is not None
-    recorded, params_identity = classifier.cache.header.teacher_identity, teacher_identity(config.teacher)
-    if params_identity != recorded:
-        raise PipelineError(
-            f"{config.cache}: made by teacher build differing from the params' "
-            f"({identity_difference(recorded, params_identity)}); "
-            f"fix the teacher section of the params file or drop --teacher")
+    require_same_teacher(config.cache, classifier.cache.header.teacher_identity, teacher_identity(config.teacher),
+                         "fix the teacher section of the params file or drop --teacher")
     teacher = load_teacher(config.teacher, config.device)
     tau = float(classifier.checkpoint.get("params", {}).get("tau_teacher", config.tau_teacher))
     return Encoder(teacher.image_size, lambda pixels: teacher.encode_image(pixels).cpu(), tau)

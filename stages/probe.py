@@ -29,7 +29,7 @@ from pipeline.linear_probe import linear_probe, topk_accuracy
 from pipeline.prompts import class_anchors
 from pipeline.shards import list_shards, manifest_rows, read_classes
 from pipeline.student import Student, build_student, load_student
-from pipeline.teacher import identity_difference, load_teacher, resolve_device
+from pipeline.teacher import load_teacher, require_same_teacher, resolve_device
 from pipeline.training import write_json
 
 log = logging.getLogger(__name__)
@@ -68,12 +68,8 @@ def run(config: ProbeConfig) -> dict[str, Any]:
     if checkpoint.get("anchor_digest") != cache.header.prompt_digest:
         raise PipelineError(f"{config.student}: trained against other anchors than {config.cache}")
     teacher = load_teacher(config.teacher, config.device)
-    if teacher.identity != cache.header.teacher_identity:
-        raise PipelineError(
-            f"{config.cache}: made by teacher build differing from the params' "
-            f"({identity_difference(cache.header.teacher_identity, teacher.identity)}); "
-            f"re-run precompute or fix the teacher options"
-        )
+    require_same_teacher(config.cache, cache.header.teacher_identity, teacher.identity,
+                         "re-run precompute or fix the teacher options")
     classes = read_classes(config.shards)
     size = int(checkpoint["image_size"])
     backbones = {"student": student, "random_init": random_init_like(checkpoint)}
