@@ -19,8 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/dvc repro
-	$(BIN)/python -m pipeline report
+	$(BIN)/python scripts/demo.py   # dvc repro, stage by stage with an overall progress line, then the table
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -20,6 +20,7 @@ import typer
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline import config as cfg
+from pipeline.distributed import is_main_process
 from pipeline.errors import PipelineError
 
 # Nested sections whose options keep their own names (distill --epochs, not --train-epochs).
@@ -46,7 +47,15 @@ def params_path_from_argv(argv: list[str]) -> Path:
     return cfg.DEFAULT_PARAMS
 
 
+# Only for the defaults shown by --help (they are rendered before any option is parsed); what
+# a command runs with is the --params value parsed by `root`, `active_params()`.
 PARAMS_PATH = params_path_from_argv(sys.argv[1:])
+_ACTIVE_PARAMS = [cfg.DEFAULT_PARAMS]
+
+
+def active_params() -> Path:
+    """The params file of the command being run (`--params`, else ./params.yaml)."""
+    return _ACTIVE_PARAMS[0]
 
 
 @app.callback()
@@ -56,9 +65,12 @@ def root(
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
 ) -> None:
+    _ACTIVE_PARAMS[0] = params
     # Our loggers at INFO; libraries (open_clip logs on the root logger) only warn unless -v.
+    # Under torchrun only rank 0 reports progress; the other ranks say only what goes wrong.
+    level = logging.DEBUG if verbose else logging.INFO if is_main_process() else logging.WARNING
     for name in ("pipeline", "stages"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+        logging.getLogger(name).setLevel(level)
     logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
 
 
@@ -103,7 +115,7 @@ def stage_command(name: str, stage: str, module: str, help: str) -> None:
         )
 
     def command(**options: Any) -> None:
-        config = cfg.load_config(stage, PARAMS_PATH)
+        config = cfg.load_config(stage, active_params())
         changes = {dotted: options[option] for option, dotted, _, _ in leaves
                    if options[option] is not None}
         config = cfg.override(config, changes)
@@ -150,7 +162,7 @@ def inspect_cache(
     from stages import inspect as inspect_stage
 
     if tau_teacher is None:
-        tau_teacher = cfg.load_config("distill", PARAMS_PATH).tau_teacher
+        tau_teacher = cfg.load_config("distill", active_params()).tau_teacher
     inspect_stage.run(file, tau_teacher)
 
 
@@ -192,8 +204,8 @@ def predict(
     """Print the student's top-5 classes, with probabilities, for image files and folders."""
     from stages import predict as predict_stage
 
-    probe = cfg.load_config("probe", PARAMS_PATH)
-    distill = cfg.load_config("distill", PARAMS_PATH)
+    probe = cfg.load_config("probe", active_params())
+    distill = cfg.load_config("distill", active_params())
     predict_stage.run(predict_stage.PredictConfig(
         inputs=tuple(images), student=student or Path(probe.student), cache=cache or Path(probe.cache),
         shards=shards or Path(probe.shards), tau_student=distill.tau_student, tau_teacher=distill.tau_teacher,
@@ -211,9 +223,9 @@ def export(
     """Write the student as TorchScript and ONNX image encoders, with its anchors and class names."""
     from stages import export as export_stage
 
-    probe = cfg.load_config("probe", PARAMS_PATH)
+    probe = cfg.load_config("probe", active_params())
     export_stage.run(student or Path(probe.student), cache or Path(probe.cache), shards or Path(probe.shards), out,
-                     cfg.load_config("distill", PARAMS_PATH).tau_student)
+                     cfg.load_config("distill", active_params()).tau_student)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
-"""The teacher cache: one HDF5 file, its layout defined here for writer and reader alike.
+"""The teacher cache: one HDF5 file and its parts, the layout defined here for writer and reader alike.
 
-Layout (FORMAT_VERSION 1):
+Layout (FORMAT_VERSION 2):
 
   /  attributes: format_version, teacher_identity, embed_dim, teacher_image_size,
                  teacher_mean, teacher_std, views_per_image, view_fields, crop_scale,
@@ -10,15 +10,27 @@ Layout (FORMAT_VERSION 1):
   anchors/embeddings (K, D) float32, anchors/class (K,) int32
   shards/name (S,) str, shards/image_start (S,) int64, shards/image_count (S,) int64
   images/key (N,) str, images/shard (N,) int32, images/position (N,) int32, images/label (N,) int32
-  views/image (N*V,) int32           -- view rows of image i are i*V ... i*V+V-1
+  views/image (N*V,) int32           -- the image of every view row
   views/params (N*V, 5) float32      -- x0, y0, width, height (fractions of the image), flip
   views/similarities (N*V, K) float16           -- when topk == 0: cosine to every anchor
   views/topk_index (N*V, k) uint16|int32, views/topk_similarity (N*V, k) float16  -- topk > 0
   views/embeddings (N*V, D) float16  -- optional teacher image embeddings
 
-Images (and so views) are stored shard by shard, in shard order: a shard's rows are one
-contiguous slice. Similarities are cosines before any temperature; the teacher
-distribution is softmax(similarity / tau), computed when reading.
+Images are stored shard by shard, in shard order. A shard's view rows are one contiguous
+slice and, within it, view-major: row `start*V + v*count + j` is view v of the shard's j-th
+image (start, count: `shards/image_start`, `shards/image_count`). An epoch of stage two uses
+one view per image, and it takes the same view index for every image of a shard
+(`pipeline.training.epoch_view`), so it reads exactly one contiguous block per shard: the
+rows it uses and no others.
+
+Storage: the per-view datasets (all but `views/image`) are HDF5 virtual datasets over the
+part files in `<file>.parts/` (one per shard, referenced by relative path, so the file and
+its parts directory move together), so joining writes no second copy of the views. A
+reader checks that every part is present; a missing part is a one-line error, never fill
+values.
+
+Similarities are cosines before any temperature; the teacher distribution is
+softmax(similarity / tau), computed when reading.
 
 Top-k reconstruction rule: anchors outside the stored top-k get similarity -inf, so the
 reconstructed distribution is the full softmax truncated to its top-k and renormalised.
@@ -26,11 +38,12 @@ Its total-variation distance to the full distribution equals the probability mas
 full distribution puts outside the top-k (bounded by `topk_mass_outside`).
 
 Writing is crash-safe: each completed shard is written to its own part file (atomically
-renamed); `join_parts` assembles the final file under a temporary name and renames it.
+renamed); `join_parts` writes the index file under a temporary name and renames it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -42,13 +55,13 @@ import h5py
 import numpy as np
 import torch
 
-from pipeline import __version__
+from pipeline import __version__, atomic
+from pipeline.atomic import atomic_path
 from pipeline.errors import PipelineError
 from pipeline.views import VIEW_FIELDS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 STR = h5py.string_dtype(encoding="utf-8")
-VIEW_CHUNK_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -167,27 +180,66 @@ def topk_mass_outside(similarities: torch.Tensor, k: int, tau: float) -> torch.T
     return 1 - p.topk(k, dim=-1).values.sum(-1)
 
 
+PER_VIEW = ("params", "similarities", "topk_index", "topk_similarity", "embeddings")
+
+
+def view_major(rows: np.ndarray, views_per_image: int) -> np.ndarray:
+    """(n*V, ...) rows in image-major order (image j's views together) -> view-major (view v's images together)."""
+    n = rows.shape[0] // views_per_image
+    return rows.reshape((n, views_per_image) + rows.shape[1:]).swapaxes(0, 1).reshape(rows.shape)
+
+
+def image_major(rows: np.ndarray, views_per_image: int) -> np.ndarray:
+    """The inverse of `view_major`: (V*n, ...) -> (n, V, ...)."""
+    n = rows.shape[0] // views_per_image
+    return rows.reshape((views_per_image, n) + rows.shape[1:]).swapaxes(0, 1)
+
+
 def write_part(out: Path, part: ShardPart, header: CacheHeader) -> None:
-    """One shard's outputs to its own file, written under a temporary name and renamed."""
+    """One shard's outputs to its own file, written under a temporary name and renamed.
+
+    `part` holds the views image-major (as stage one computes them); the part file stores
+    them view-major and contiguous (not chunked), so a read of one view block touches
+    exactly its bytes.
+    """
     path = part_path(out, part.shard)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    V = header.views_per_image
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["shard"] = part.shard
         f.attrs["shard_digest"] = header.shard_digest
+        f.attrs["views_per_image"] = V
+        f.attrs["num_anchors"] = header.num_anchors
         f.attrs["corrupt"] = json.dumps(part.corrupt)
         f["keys"] = np.array(part.keys, dtype=object).astype(STR) if part.keys else np.empty(0, STR)
         f["positions"] = part.positions.astype(np.int32)
         f["labels"] = part.labels.astype(np.int32)
-        f["params"] = part.params.astype(np.float32)
+        f["params"] = view_major(part.params.astype(np.float32), V)
         if header.topk:
             index, value = compress_topk(part.similarities, header.topk)
-            f["topk_index"], f["topk_similarity"] = index, value
+            f["topk_index"], f["topk_similarity"] = view_major(index, V), view_major(value, V)
         else:
-            f["similarities"] = part.similarities.astype(np.float16)
+            f["similarities"] = view_major(part.similarities.astype(np.float16), V)
         if part.embeddings is not None:
-            f["embeddings"] = part.embeddings.astype(np.float16)
-    os.replace(tmp, path)
+            f["embeddings"] = view_major(part.embeddings.astype(np.float16), V)
+
+
+def read_part(path: Path) -> ShardPart:
+    """A part file back as a ShardPart (views image-major, similarities as stored: full or top-k expanded)."""
+    with h5py.File(path, "r") as f:
+        V = int(f.attrs["views_per_image"])
+        similarities = (f["similarities"][:] if "similarities" in f else
+                        expand_topk(f["topk_index"][:], f["topk_similarity"][:], int(f.attrs["num_anchors"])))
+        return ShardPart(
+            shard=int(f.attrs["shard"]),
+            keys=[k.decode() if isinstance(k, bytes) else k for k in f["keys"][:]],
+            positions=f["positions"][:],
+            labels=f["labels"][:],
+            params=image_major(f["params"][:], V).reshape(-1, len(VIEW_FIELDS)),
+            similarities=image_major(similarities, V).reshape(-1, similarities.shape[-1]),
+            embeddings=(image_major(f["embeddings"][:], V).reshape(-1, f["embeddings"].shape[-1])
+                        if "embeddings" in f else None),
+            corrupt=json.loads(f.attrs["corrupt"]),
+        )
 
 
 def completed_parts(out: Path, shard_digest: str) -> set[int]:
@@ -206,16 +258,12 @@ def completed_parts(out: Path, shard_digest: str) -> set[int]:
                     )
                 done.add(int(f.attrs["shard"]))
         except OSError:
-            path.unlink()  # a part is renamed only when complete; this one is not ours to trust
+            path.unlink(missing_ok=True)  # a part is renamed only when complete; this one is not ours to trust
     return done
 
 
 def write_state(out: Path, state: dict[str, Any]) -> None:
-    path = parts_dir(out) / "state.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("state.json.tmp")
-    tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic.write_text(parts_dir(out) / "state.json", json.dumps(state, indent=1, sort_keys=True))
 
 
 def read_state(out: Path) -> dict[str, Any] | None:
@@ -233,20 +281,26 @@ def join_parts(
     anchors: np.ndarray,
     anchor_classes: np.ndarray,
 ) -> list[str]:
-    """Assemble the final cache from the per-shard parts; returns the corrupt keys.
+    """Write the cache file over the per-shard parts; returns the corrupt keys.
 
-    Built under `<out>.tmp` and renamed, so `out` is either absent or complete.
+    The per-view datasets become virtual datasets mapping each shard's rows to its part
+    file, so the views are not copied: the peak disk use of a join is the parts plus the
+    small index (prompts, anchors, per-image rows). Built under `<out>.tmp` and renamed, so
+    `out` is either absent or complete.
     """
-    tmp = out.with_name(out.name + ".tmp")
     V = header.views_per_image
     corrupt: list[str] = []
     parts = [part_path(out, s) for s in range(len(shard_names))]
-    counts = []
+    counts, shapes = [], {}
     for path in parts:
         with h5py.File(path, "r") as f:
             counts.append(int(f["positions"].shape[0]))
+            for name in PER_VIEW:
+                if name in f:
+                    shapes[name] = (f[name].shape[1:], f[name].dtype)
     total = int(sum(counts))
-    with h5py.File(tmp, "w") as f:
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(header.to_attrs())
         g = f.create_group("prompts")
         g["text"] = np.array(list(prompts), dtype=object).astype(STR)
@@ -257,55 +311,46 @@ def join_parts(
         g["class"] = anchor_classes.astype(np.int32)
         g = f.create_group("shards")
         g["name"] = np.array(list(shard_names), dtype=object).astype(STR)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         g["image_start"] = starts
         g["image_count"] = np.array(counts, dtype=np.int64)
         images = f.create_group("images")
         images.create_dataset("key", (total,), dtype=STR)
         for name in ("shard", "position", "label"):
             images.create_dataset(name, (total,), dtype=np.int32)
-        views = f.create_group("views")
-        rows = total * V
-        chunk = (min(VIEW_CHUNK_ROWS, max(1, rows)),)
-        views.create_dataset("image", data=np.repeat(np.arange(total, dtype=np.int32), V),
-                             chunks=chunk if rows else None)
-        views.create_dataset("params", (rows, len(VIEW_FIELDS)), dtype=np.float32,
-                             chunks=chunk + (len(VIEW_FIELDS),) if rows else None)
-        K, D = header.num_anchors, header.embed_dim
-        if header.topk:
-            k = min(header.topk, K)
-            views.create_dataset("topk_index", (rows, k), dtype=topk_index_dtype(K),
-                                 chunks=chunk + (k,) if rows else None)
-            views.create_dataset("topk_similarity", (rows, k), dtype=np.float16,
-                                 chunks=chunk + (k,) if rows else None)
-        else:
-            views.create_dataset("similarities", (rows, K), dtype=np.float16,
-                                 chunks=chunk + (K,) if rows else None)
-        if header.store_embeddings:
-            views.create_dataset("embeddings", (rows, D), dtype=np.float16,
-                                 chunks=chunk + (D,) if rows else None)
+        view_image = np.empty(total * V, dtype=np.int32)
+        layouts = {name: h5py.VirtualLayout((total * V,) + shape, dtype)
+                   for name, (shape, dtype) in shapes.items()}
         for shard, (path, start, count) in enumerate(zip(parts, starts, counts, strict=True)):
             with h5py.File(path, "r") as part:
                 corrupt.extend(json.loads(part.attrs["corrupt"]))
                 image_rows = slice(int(start), int(start + count))
-                view_rows = slice(int(start) * V, int(start + count) * V)
                 images["key"][image_rows] = part["keys"][:]
                 images["shard"][image_rows] = shard
                 images["position"][image_rows] = part["positions"][:]
                 images["label"][image_rows] = part["labels"][:]
-                for name in ("params", "similarities", "topk_index", "topk_similarity", "embeddings"):
-                    if name in part:
-                        views[name][view_rows] = part[name][:]
-    os.replace(tmp, out)
+                view_image[start * V:(start + count) * V] = np.tile(np.arange(start, start + count), V)
+                if count == 0:
+                    continue
+                relative = os.path.relpath(path, out.parent)
+                for name, layout in layouts.items():
+                    layout[int(start) * V:int(start + count) * V] = h5py.VirtualSource(
+                        relative, name, shape=part[name].shape)
+        views = f.create_group("views")
+        views["image"] = view_image
+        for name, layout in layouts.items():
+            fill = np.nan if np.issubdtype(layout.dtype, np.floating) else 0
+            views.create_virtual_dataset(name, layout, fillvalue=fill)
     return corrupt
 
 
-def remove_parts(out: Path) -> None:
+def remove_cache(out: Path) -> None:
+    """Delete a cache file and its parts directory."""
     directory = parts_dir(out)
     if directory.is_dir():
         for path in directory.iterdir():
             path.unlink()
         directory.rmdir()
+    out.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- reading
@@ -317,8 +362,8 @@ class ShardTargets:
 
     positions: np.ndarray  # (n,)
     labels: np.ndarray  # (n,)
-    params: np.ndarray  # (n, V, 5), or (n, 5) for chosen views
-    similarities: np.ndarray  # (n, V, K) float32, or (n, K) for chosen views (top-k expanded, -inf)
+    params: np.ndarray  # (n, V, 5), or (n, 5) for one view
+    similarities: np.ndarray  # (n, V, K) float32, or (n, K) for one view (top-k expanded, -inf)
     embeddings: np.ndarray | None = None  # (n, V, D) / (n, D) float32 teacher image embeddings, if asked
 
     def row_of_position(self) -> dict[int, int]:
@@ -343,14 +388,80 @@ class TeacherCache:
                 self.image_count = f["shards/image_count"][:]
         except (OSError, KeyError) as err:
             raise PipelineError(f"{self.path}: not a readable teacher cache ({err})") from None
+        self.part_files = self.view_sources()
+        missing = [path for path in self.part_files if not path.is_file()]
+        if missing:
+            raise PipelineError(
+                f"{self.path}: {len(missing)} part file(s) missing, e.g. {missing[0]}; the views live in "
+                f"{missing[0].parent}, which moves with the cache file (or re-run precompute)"
+            )
         self._file: h5py.File | None = None
         self._pid: int | None = None
+
+    def require(self, *, teacher_identity: str | None = None, prompt_digest: str | None = None,
+                prompts: str = "", shards: Sequence[Path] | None = None, labels: bool = False,
+                embeddings: bool = False, fix: str = "re-run precompute") -> None:
+        """The one check that this cache fits a run: every stage that reads a cache asks it.
+
+        Checks what is given: the teacher build (identity), the prompt set and anchors (digest;
+        `prompts` describes the params' side in the message), the shard list (names and
+        contents), labels on every image, stored teacher image embeddings. A mismatch is a
+        one-line PipelineError saying what differs and `fix`.
+        """
+        header = self.header
+        if teacher_identity is not None and header.teacher_identity != teacher_identity:
+            from pipeline.teacher import identity_difference
+
+            raise PipelineError(
+                f"{self.path}: made by teacher build differing from the params' "
+                f"({identity_difference(header.teacher_identity, teacher_identity)}); {fix}"
+            )
+        if prompt_digest is not None and header.prompt_digest != prompt_digest:
+            raise PipelineError(
+                f"{self.path}: anchor digest {header.prompt_digest[:12]} ({header.prompt_set} prompts, "
+                f"{header.anchor_mode} anchors) differs from the params' {prompt_digest[:12]}"
+                f"{f' ({prompts})' if prompts else ''}; {fix} or fix the prompt options"
+            )
+        if shards is not None:
+            from pipeline.shards import shard_list_digest
+
+            names = [Path(s).name for s in shards]
+            if self.shard_names != names:
+                raise PipelineError(
+                    f"{self.path}: computed over {len(self.shard_names)} shards ({self.shard_names[0]} ...), "
+                    f"not the {len(names)} in {Path(shards[0]).parent}; re-run precompute"
+                )
+            if header.shard_digest != shard_list_digest(shards):
+                raise PipelineError(
+                    f"{self.path}: the shards in {Path(shards[0]).parent} changed since it was computed "
+                    f"(same names, other contents); re-run precompute"
+                )
+        if labels and (self.labels() < 0).any():
+            raise PipelineError(f"{self.path}: has unlabelled images; the supervised reference needs labels")
+        if embeddings and not header.store_embeddings:
+            raise PipelineError(
+                f"{self.path}: holds no teacher image embeddings; re-run precompute with --store-embeddings"
+            )
+
+    def view_sources(self) -> list[Path]:
+        """The part files the per-view datasets map to (from the file itself), one per non-empty shard."""
+        with h5py.File(self.path, "r") as f:
+            params = f["views/params"]
+            if not params.is_virtual:
+                return []
+            names = dict.fromkeys(source.file_name for source in params.virtual_sources())
+        return [self.path.parent / name for name in names]
 
     @property
     def file(self) -> h5py.File:
         # A handle must not cross a fork: reopen in every process that reads.
         if self._file is None or self._pid != os.getpid():
-            self._file = h5py.File(self.path, "r")
+            # No data-sieve buffer: HDF5 would read up to 64 KB around every small contiguous
+            # read (three times the bytes of a demo shard's view parameters); the reads here
+            # are whole contiguous blocks, so reading exactly them is the fastest anyway.
+            access = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+            access.set_sieve_buf_size(0)
+            self._file = h5py.File(h5py.h5f.open(os.fsencode(self.path), h5py.h5f.ACC_RDONLY, fapl=access))
             self._pid = os.getpid()
         return self._file
 
@@ -368,6 +479,30 @@ class TeacherCache:
     def num_images(self) -> int:
         return int(self.image_count.sum())
 
+    def stored_bytes(self) -> int:
+        """Bytes on disk: the cache file and its part files."""
+        return self.path.stat().st_size + sum(path.stat().st_size for path in self.part_files)
+
+    def view_storage_bytes(self) -> int:
+        """Bytes stored for the per-view and per-image datasets (prompts and anchors left out)."""
+        f = self.file
+        total = sum(f["images"][name].id.get_storage_size() for name in f["images"])
+        total += f["views/image"].id.get_storage_size()
+        for path in self.part_files:
+            with h5py.File(path, "r") as part:
+                total += sum(part[name].id.get_storage_size() for name in PER_VIEW if name in part)
+        return total
+
+    def view_row_bytes(self) -> int:
+        """Stored bytes of one view row over the per-view datasets (all but views/image)."""
+        f = self.file
+        return sum(f["views"][name].dtype.itemsize * int(np.prod(f["views"][name].shape[1:]))
+                   for name in PER_VIEW if name in f["views"])
+
+    @property
+    def num_views(self) -> int:
+        return self.num_images * self.header.views_per_image
+
     def anchors(self) -> torch.Tensor:
         return torch.from_numpy(self.file["anchors/embeddings"][:])
 
@@ -377,35 +512,58 @@ class TeacherCache:
     def prompts(self) -> list[str]:
         return [s.decode() if isinstance(s, bytes) else s for s in self.file["prompts/text"][:]]
 
-    def shard_targets(self, shard: int, chosen: np.ndarray | None = None,
-                      with_embeddings: bool = False) -> ShardTargets:
-        """A shard's rows, read in one slice per dataset.
+    def prompt_classes(self) -> torch.Tensor:
+        return torch.from_numpy(self.file["prompts/class"][:].astype(np.int64))
 
-        With `chosen` (one view index per image), only those views are kept, so memory holds
-        one view per image whatever V is; otherwise all V views of every image. With
-        `with_embeddings`, also the stored teacher image embeddings (an error if there are none).
+    def prompt_embeddings(self) -> torch.Tensor:
+        return torch.from_numpy(self.file["prompts/embeddings"][:])
+
+    def labels(self) -> np.ndarray:
+        """(N,) class index of every image, -1 where unknown."""
+        return self.file["images/label"][:]
+
+    def keys(self) -> list[str]:
+        return [k.decode() if isinstance(k, bytes) else k for k in self.file["images/key"][:]]
+
+    def view_images(self, rows: slice | np.ndarray) -> np.ndarray:
+        """The image index of view rows."""
+        return self.file["views/image"][rows]
+
+    def view_rows(self, shard: int, view: int | None = None) -> slice:
+        """The rows of a shard (all views), or of one view index of it: one contiguous slice."""
+        start, count = int(self.image_start[shard]), int(self.image_count[shard])
+        V = self.header.views_per_image
+        if view is None:
+            return slice(start * V, (start + count) * V)
+        return slice(start * V + view * count, start * V + (view + 1) * count)
+
+    def shard_targets(self, shard: int, view: int | None = None,
+                      with_embeddings: bool = False) -> ShardTargets:
+        """A shard's rows, read in one contiguous slice per dataset.
+
+        With `view` (one view index for every image of the shard, as stage two replays
+        them), only that view's rows are read; otherwise all V views of every image,
+        shaped (n, V, ...). With `with_embeddings`, also the stored teacher image embeddings
+        (an error if there are none).
         """
         if with_embeddings and not self.header.store_embeddings:
             raise PipelineError(
                 f"{self.path}: holds no teacher image embeddings; re-run precompute with --store-embeddings"
             )
         start, count = int(self.image_start[shard]), int(self.image_count[shard])
-        V, K = self.header.views_per_image, self.header.num_anchors
-        images = slice(start, start + count)
-        views = slice(start * V, (start + count) * V)
-        keep = slice(None) if chosen is None else np.arange(count) * V + chosen
+        V = self.header.views_per_image
+        if view is not None and not 0 <= view < V:
+            raise ValueError(f"view {view}: the cache has {V} views per image")
+        rows = self.view_rows(shard, view)
         f = self.file
-        params = f["views/params"][views][keep]
-        if self.header.topk:
-            similarities = expand_topk(f["views/topk_index"][views][keep],
-                                       f["views/topk_similarity"][views][keep], K)
-        else:
-            similarities = f["views/similarities"][views][keep].astype(np.float32)
-        embeddings = f["views/embeddings"][views][keep].astype(np.float32) if with_embeddings else None
-        if chosen is None:
-            params, similarities = params.reshape(count, V, -1), similarities.reshape(count, V, K)
+        params = f["views/params"][rows]
+        similarities = self.similarities(rows)
+        embeddings = f["views/embeddings"][rows].astype(np.float32) if with_embeddings else None
+        if view is None:
+            params, similarities = image_major(params, V), image_major(similarities, V)
             if embeddings is not None:
-                embeddings = embeddings.reshape(count, V, -1)
+                embeddings = image_major(embeddings, V)
+        images = slice(start, start + count)
         return ShardTargets(
             positions=f["images/position"][images],
             labels=f["images/label"][images],
@@ -421,3 +579,30 @@ class TeacherCache:
             return expand_topk(f["views/topk_index"][rows], f["views/topk_similarity"][rows],
                                self.header.num_anchors)
         return f["views/similarities"][rows].astype(np.float32)
+
+
+def replicate_views(source: str | Path, target: str | Path, factor: int) -> None:
+    """A copy of a cache with every image's views repeated `factor` times (V -> factor x V).
+
+    For measuring how reading scales with the cache's size (`bench`), through the same
+    writer as stage one.
+    """
+    reader = TeacherCache(source)
+    target = Path(target)
+    header = dataclasses.replace(reader.header, views_per_image=reader.header.views_per_image * factor)
+    V = reader.header.views_per_image
+
+    def tiled(rows: np.ndarray | None) -> np.ndarray | None:
+        if rows is None:
+            return None
+        per_image = rows.reshape((-1, V) + rows.shape[1:])
+        return np.concatenate([per_image] * factor, axis=1).reshape((-1,) + rows.shape[1:])
+
+    for shard in range(len(reader.shard_names)):
+        part = read_part(part_path(reader.path, shard))
+        write_part(target, dataclasses.replace(
+            part, params=tiled(part.params), similarities=tiled(part.similarities).astype(np.float16),
+            embeddings=tiled(part.embeddings)), header)
+    join_parts(target, header, reader.shard_names, reader.prompts(), reader.prompt_classes().numpy(),
+               reader.prompt_embeddings().numpy(), reader.anchors().numpy(), reader.anchor_classes().numpy())
+    reader.close()

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from pipeline import atomic
 from pipeline.errors import PipelineError
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -88,6 +89,8 @@ class DemoTeacherConfig:
     lr: float = opt("peak learning rate (AdamW, cosine with warm-up)")
     warmup_steps: int = opt("linear warm-up steps")
     weight_decay: float = opt("AdamW weight decay")
+    crop_scale: tuple[float, float] = opt("random resized crop of every training image: area range")
+    crop_ratio: tuple[float, float] = opt("random resized crop of every training image: aspect ratio range")
     seed: int = opt("seed of the training stream (distinct from the shards' seed)")
     workers: int = opt("DataLoader workers rendering training images")
     threads: int = opt("torch CPU threads (0: torch's default)")
@@ -135,6 +138,10 @@ class TrainConfig:
     warmup_epochs: float = opt("linear warm-up length in epochs before the cosine decay")
     seed: int = opt("seed of initialisation, view choice and batch order")
     workers: int = opt(WORKERS_HELP)
+    prefetch: int = opt("batches each DataLoader worker keeps ready in shared memory (the budget is logged "
+                        "at start: workers x prefetch x batch)")
+    mix_shards: int = opt("shards each worker reads at a time and shuffles together: batches mix their "
+                          "images; a worker holds their encoded bytes in memory")
     device: str = opt("auto, cpu or cuda")
     precision: str = opt("bf16: autocast on GPU and on CPUs with native bf16 (AMX: ResNet-18 at 64 px trains "
                          "1.8x faster here); fp32: full precision everywhere", choices=("bf16", "fp32"))
@@ -188,21 +195,16 @@ class ProbeConfig:
 
 @dataclass(frozen=True)
 class BenchConfig:
-    shards: str = opt("shard directory used for every measurement")
-    cache: str = opt("teacher cache used by the cached path")
-    arch: str = opt("student architecture")
-    image_size: int = opt("student resolution")
     random_teacher: bool = opt("allow a teacher model without weights (speed only, e.g. ViT-B-32)")
-    batch_size: int = opt("images per step")
     steps: int = opt("timed steps per measurement (after warm-up)")
     warmup_steps: int = opt("untimed steps before each measurement")
-    workers: int = opt(WORKERS_HELP)
-    device: str = opt("auto, cpu or cuda")
     topk: int = opt("k of the top-k cache size measurement")
     views: int = opt("views per image in the precompute measurement")
     precompute_shards: int = opt("train shards that the precompute measurement runs over")
     measure_rss: bool = opt("measure peak RSS with the cache at 1x and 8x (two extra short runs)")
     json: str = opt("JSON file to write (empty: none)")
+    train: TrainConfig = opt("the training settings measured (shards, cache, student, resolution, batch, "
+                             "optimiser, workers, device, precision): the train section")
     teacher: TeacherConfig = opt("the teacher")
     prompts: PromptsConfig = opt("the prompt set")
 
@@ -348,6 +350,4 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def write_resolved(config: Any, path: str | Path) -> None:
     """Write the resolved config beside a stage's outputs (JSON, keys sorted)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+    atomic.write_text(path, json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")

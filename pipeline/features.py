@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import PipelineError
 from pipeline.progress import Progress
 from pipeline.shards import Sample, ShardBatches, iterate_batches, sample_count
 from pipeline.views import eval_view
@@ -22,6 +23,33 @@ def centre_view_batches(shards: Sequence[Path], sizes: dict[str, int], batch_siz
     return ShardBatches(shards, batch_size, prepare)
 
 
+class RowBuffer:
+    """Rows appended batch by batch into one preallocated (capacity, D) tensor on the CPU.
+
+    With the right capacity nothing is copied: the rows are written in place and `rows()` is a
+    view, so the peak is the features themselves, not twice them as with a final concatenation.
+    A wrong or missing capacity still works (the buffer doubles when full).
+    """
+
+    def __init__(self, capacity: int, dtype: torch.dtype) -> None:
+        self.capacity, self.dtype, self.filled = max(capacity, 1), dtype, 0
+        self.data: torch.Tensor | None = None
+
+    def append(self, batch: torch.Tensor) -> None:
+        if self.data is None:
+            self.data = torch.empty(self.capacity, *batch.shape[1:], dtype=self.dtype)
+        end = self.filled + batch.shape[0]
+        if end > self.data.shape[0]:
+            grown = torch.empty(max(end, 2 * self.data.shape[0]), *self.data.shape[1:], dtype=self.dtype)
+            grown[:self.filled] = self.data[:self.filled]
+            self.data = grown
+        self.data[self.filled:end] = batch
+        self.filled = end
+
+    def rows(self) -> torch.Tensor:
+        return torch.empty(0, dtype=self.dtype) if self.data is None else self.data[:self.filled]
+
+
 @torch.no_grad()
 def extract_features(
     shards: Sequence[Path],
@@ -29,28 +57,36 @@ def extract_features(
     batch_size: int,
     workers: int,
     desc: str = "features",
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
     """Run every encoder (name -> (resolution, fn on [0,1] pixels)) over the shards' evaluation views.
 
     Images are decoded once and resized once per distinct resolution. Returns the features
-    per encoder (N, D) float32 on CPU, the labels (N,) and the keys of corrupt samples.
+    per encoder (N, D) of `dtype` on CPU (float16 halves the memory of float32; each batch is
+    converted on the encoder's device before it is moved), the labels (N,) and the keys of
+    corrupt samples. Raises PipelineError when a feature is beyond the range of `dtype`.
     """
     sizes = {f"pixels_{size}": size for size, _ in encoders.values()}
     loader = iterate_batches(centre_view_batches(shards, sizes, batch_size), workers)
-    features: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
-    labels, corrupt = [], []
-    progress = Progress(sample_count(shards), desc, "img")
+    expected = sample_count(shards)
+    features = {name: RowBuffer(expected or batch_size, dtype) for name in encoders}
+    labels, corrupt = RowBuffer(expected or batch_size, torch.long), []
+    largest = torch.finfo(dtype).max
+    progress = Progress(expected, desc, "img")
     for batch in loader:
         corrupt.extend(batch["corrupt"])
         if not batch["keys"]:
             continue
         for name, (size, encode) in encoders.items():
-            features[name].append(encode(batch[f"pixels_{size}"]).float().cpu())
+            encoded = encode(batch[f"pixels_{size}"])
+            if float(encoded.abs().max()) > largest:  # float16 stops at 65504: inf is no feature
+                raise PipelineError(f"{desc}: features of {name} exceed the {dtype} range "
+                                    f"(|x| > {largest:g}); store them as torch.float32")
+            features[name].append(encoded.to(dtype).cpu())
         labels.append(batch["labels"])
         progress.update(len(batch["keys"]))
     progress.close()
-    stacked = {name: torch.cat(chunks) for name, chunks in features.items()}
-    return stacked, torch.cat(labels), corrupt
+    return {name: rows.rows() for name, rows in features.items()}, labels.rows(), corrupt
 
 
 def zero_shot_scores(

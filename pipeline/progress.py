@@ -17,6 +17,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from pipeline.distributed import is_main_process
+
 log = logging.getLogger(__name__)
 
 
@@ -45,8 +47,10 @@ class Progress:
         self.started = self.last_report = time.perf_counter()
         self.closed = False
         use_bar = stderr_is_terminal() if terminal is None else terminal
+        # Under torchrun, rank 0 shows progress; the others stay quiet.
+        self.quiet = not is_main_process()
         self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=leave,
-                        dynamic_ncols=True) if use_bar else None
+                        dynamic_ncols=True) if use_bar and not self.quiet else None
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -54,7 +58,7 @@ class Progress:
             self.bar.update(n)
             return
         now = time.perf_counter()
-        if now - self.last_report >= self.every_seconds:
+        if not self.quiet and now - self.last_report >= self.every_seconds:
             self.last_report = now
             log.info("%s", self.line())
 
@@ -84,7 +88,7 @@ class Progress:
         self.closed = True
         if self.bar is not None:
             self.bar.close()
-        elif self.done > self.initial:
+        elif self.done > self.initial and not self.quiet:
             log.info("%s", self.line())
 
     def __enter__(self) -> Progress:

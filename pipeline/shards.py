@@ -29,6 +29,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from pipeline.atomic import commit, temporary_path
+from pipeline.atomic import write_text as atomic_write_text
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -92,11 +94,6 @@ def write_classes(directory: Path, classes: Sequence[ClassInfo]) -> None:
     ]
     atomic_write_text(directory / CLASSES_FILE, json.dumps(rows, indent=1) + "\n")
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -190,7 +187,7 @@ class ShardWriterState:
         self._count += 1
 
     def _open(self) -> None:
-        path = self.directory / (shard_name(self.split, len(self.shards)) + ".tmp")
+        path = temporary_path(self.directory / shard_name(self.split, len(self.shards)))
         self._file = open(path, "wb")
         self._writer = wds.TarWriter(self._file, mtime=TAR_MTIME, user="csm", group="csm")
         self._count = 0
@@ -202,7 +199,7 @@ class ShardWriterState:
         self._writer.close()
         self._file.close()
         final = self.directory / self.shards[-1]["name"]
-        Path(str(final) + ".tmp").replace(final)
+        commit(temporary_path(final), final)
         self.shards[-1].update(samples=self._count, bytes=final.stat().st_size,
                                sha256=sha256_file(final))
         self._writer = None
@@ -361,6 +358,83 @@ class ShardBatches(IterableDataset):
         yield collate(shard, pending, corrupt, last=True)
 
 
+class MixedBatches(IterableDataset):
+    """Training batches that mix the images of several shards, for one rank of a run.
+
+    Each epoch (and each further lap, when a rank needs more batches than its shards give),
+    the shards are permuted by (seed, epoch, lap) and dealt to ranks (`order[rank::world]`),
+    then to DataLoader workers round-robin. A worker reads `mix` of its shards at a time
+    (their encoded bytes: the memory it holds), shuffles their samples together, decodes and
+    prepares them, and yields full batches; what is left of a group carries over to the
+    next, so a worker yields at most one smaller batch, at its end. The sequence is a
+    function of (seed, epoch, lap, rank, world, workers, mix, batch size).
+
+    prepare(sample, context) and shard_context(shard) are as for `ShardBatches`; every
+    batch has "shards" (per sample), "keys", "positions", "labels", "corrupt" and the
+    stacked prepared tensors.
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[Path],
+        batch_size: int,
+        prepare: Callable[[Sample, Any], dict[str, torch.Tensor]],
+        shard_context: Callable[[int], Any] | None,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        world: int = 1,
+        mix: int = 4,
+        lap: int = 0,
+    ) -> None:
+        self.shards = list(shards)
+        self.batch_size, self.prepare, self.shard_context = batch_size, prepare, shard_context
+        self.seed, self.epoch, self.lap = seed, epoch, lap
+        self.rank, self.world, self.mix = rank, world, max(1, mix)
+
+    def rank_shards(self) -> list[int]:
+        """This rank's shards this epoch and lap, in the order it reads them."""
+        order = np.random.default_rng([self.seed, self.epoch, self.lap]).permutation(len(self.shards))
+        return [int(s) for s in order[self.rank::self.world]]
+
+    def shard_order(self) -> list[int]:  # what `iterate_batches` sizes the worker count by
+        return self.rank_shards()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = self.rank_shards()[worker::workers]
+        pending: list[tuple[Sample, dict[str, torch.Tensor]]] = []
+        corrupt: list[str] = []
+        try:
+            for first in range(0, len(mine), self.mix):
+                group = mine[first:first + self.mix]
+                contexts = {s: self.shard_context(s) for s in group} if self.shard_context else {}
+                raw = [(s, position, r) for s in group for position, r in enumerate(iter_raw(self.shards[s]))]
+                rng = np.random.default_rng([self.seed, self.epoch, self.lap, self.rank, worker, first])
+                for i in rng.permutation(len(raw)):
+                    shard, position, record = raw[i]
+                    sample = decode_sample(record, shard, position)
+                    if sample.image is None:
+                        corrupt.append(sample.key)
+                        continue
+                    pending.append((sample, self.prepare(sample, contexts.get(shard))))
+                    if len(pending) == self.batch_size:
+                        yield collate_mixed(pending, corrupt)
+                        pending, corrupt = [], []
+        except PipelineError as err:
+            yield {"error": str(err)}
+            return
+        if pending or corrupt:
+            yield collate_mixed(pending, corrupt)
+
+
+def collate_mixed(pending: list, corrupt: list[str]) -> dict[str, Any]:
+    batch = collate(-1, pending, corrupt, last=False)
+    batch["shards"] = torch.tensor([s.shard for s, _ in pending], dtype=torch.long)
+    return batch
+
+
 def collate(shard: int, pending: list, corrupt: list[str], last: bool) -> dict[str, Any]:
     batch: dict[str, Any] = {
         "shard": shard,
@@ -378,16 +452,19 @@ def collate(shard: int, pending: list, corrupt: list[str], last: bool) -> dict[s
 
 
 def iterate_batches(
-    dataset: ShardBatches, workers: int, pin_memory: bool = False
+    dataset: ShardBatches | MixedBatches, workers: int, pin_memory: bool = False, prefetch: int = 2
 ) -> Iterator[dict[str, Any]]:
-    """The dataset's batches through a DataLoader (workers never exceed the shard count)."""
+    """The dataset's batches through a DataLoader (workers never exceed the shard count).
+
+    Each worker keeps up to `prefetch` batches ready in shared memory.
+    """
     workers = max(0, min(workers, len(dataset.shard_order())))
     loader = DataLoader(
         dataset,
         batch_size=None,
         num_workers=workers,
         pin_memory=pin_memory,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=prefetch if workers > 0 else None,
         persistent_workers=False,
     )
     for batch in loader:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from pipeline.atomic import atomic_path
 from pipeline.errors import PipelineError
 from pipeline.views import normalize_pixels
 
@@ -88,11 +89,8 @@ def build_student(spec: dict[str, Any]) -> Student:
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """torch.save under a temporary name, then an atomic rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_student(path: str | Path) -> tuple[Student, dict[str, Any]]:

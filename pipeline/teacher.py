@@ -424,15 +424,6 @@ def identity_difference(cache: str, params: str) -> str:
                      for key in keys if a.get(key) != b.get(key))
 
 
-def require_same_teacher(cache_path: str | Path, recorded: str, expected: str, fix: str) -> None:
-    """Refuse a cache whose teacher identity is not the params', in one line saying what differs."""
-    if recorded != expected:
-        raise PipelineError(
-            f"{cache_path}: made by teacher build differing from the params' "
-            f"({identity_difference(recorded, expected)}); {fix}"
-        )
-
-
 # --- building ------------------------------------------------------------------------------
 
 

@@ -11,11 +11,13 @@ steps); rerunning the same command resumes and, on CPU, ends with the same weigh
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 import math
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import distributed
+from pipeline.atomic import atomic_path, write_json
 from pipeline.cache import ShardTargets, TeacherCache
 from pipeline.config import TrainConfig, to_dict, write_resolved
 from pipeline.errors import PipelineError
 from pipeline.progress import Progress
-from pipeline.shards import Sample, ShardBatches, iterate_batches
+from pipeline.shards import MixedBatches, Sample, iterate_batches
 from pipeline.student import Student, build_student, save_checkpoint
 from pipeline.teacher import autocast, resolve_device
 from pipeline.views import apply_view
@@ -37,14 +41,20 @@ log = logging.getLogger(__name__)
 MIN_BATCH = 2  # BatchNorm needs two samples; a one-image shard tail is skipped
 
 
-def chosen_views(seed: int, epoch: int, shard: int, count: int, views_per_image: int) -> np.ndarray:
-    """Which stored view each image of a shard uses in an epoch (a function of seed, epoch, image)."""
-    return np.random.default_rng([seed, epoch, shard]).integers(0, views_per_image, size=count)
+def epoch_view(seed: int, epoch: int, shard: int, views_per_image: int) -> int:
+    """The stored view every image of a shard uses in an epoch: (epoch + a seeded shard offset) mod V.
+
+    Each image goes through its V views in turn, each once per V epochs (the views are
+    independent draws, so taking the same index for a whole shard changes nothing about what
+    an image sees), and an epoch reads one contiguous block of rows per shard.
+    """
+    offset = int(np.random.default_rng([seed, shard]).integers(views_per_image))
+    return (epoch + offset) % views_per_image
 
 
 @dataclass
 class ShardReplay:
-    targets: ShardTargets  # the chosen view of every image of the shard
+    targets: ShardTargets  # this epoch's view of every image of the shard
     row_of_position: dict[int, int]
 
 
@@ -58,9 +68,8 @@ class ReplayViews:
         self.with_embeddings = with_embeddings
 
     def context(self, shard: int) -> ShardReplay:
-        count = int(self.cache.image_count[shard])
-        views = chosen_views(self.seed, self.epoch, shard, count, self.cache.header.views_per_image)
-        targets = self.cache.shard_targets(shard, views, self.with_embeddings)
+        view = epoch_view(self.seed, self.epoch, shard, self.cache.header.views_per_image)
+        targets = self.cache.shard_targets(shard, view, self.with_embeddings)
         return ShardReplay(targets, targets.row_of_position())
 
     def __call__(self, sample: Sample, replay: ShardReplay) -> dict[str, torch.Tensor]:
@@ -102,12 +111,21 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, base_lr: float
     return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def decay_groups(model: torch.nn.Module, weight_decay: float,
+                 no_decay_names: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Optimiser groups: weight decay on weight matrices and convolutions only, not on norms,
+    biases, scalars, nor on parameters whose name contains one of `no_decay_names`."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        matrix = parameter.ndim >= 2 and not any(part in name for part in no_decay_names)
+        (decay if matrix else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Weight decay on weight matrices and convolutions only, not on norms and biases."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW or SGD (nesterov) over `decay_groups`."""
+    groups = decay_groups(model, config.weight_decay)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr)
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
@@ -158,37 +176,108 @@ def train(
     run_dir: Path,
     extra_fingerprint: dict[str, Any],
 ) -> tuple[Student, list[dict[str, float]]]:
-    """Train `objective` for config.epochs; resumable from run_dir/last.pt. Returns model, history."""
+    """Train `objective` for config.epochs; resumable from run_dir/last.pt. Returns model, history.
+
+    Under torchrun: DistributedDataParallel over the processes (NCCL on GPUs, gloo on CPUs);
+    `batch_size` is per process, so the global batch is batch_size x processes, and `lr`
+    applies to that global batch as given. Every process runs the same number of steps per
+    epoch, ceil(images / global batch); rank 0 writes the checkpoints, and the per-epoch
+    metrics are summed over all processes.
+    """
     if config.epochs < 1 or config.batch_size < MIN_BATCH:
         raise PipelineError("options --epochs must be >= 1 and --batch-size >= 2")
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
+    if config.prefetch < 1 or config.mix_shards < 1:
+        raise PipelineError("options --prefetch and --mix-shards must be at least 1")
+    process = distributed.start(resolve_device(config.device))
+    device = distributed.local_device(resolve_device(config.device), process)
+    torch.manual_seed(config.seed)  # every process starts from the same weights
     # channels_last is faster for convolutions on GPU and, measured here, on CPU too (+20%).
     model = build_student(objective.model_spec).to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config)
-    steps_per_epoch = batches_per_epoch(cache.image_count, config.batch_size)
+    steps_per_epoch = math.ceil(cache.num_images / (config.batch_size * process.world))
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     fingerprint = json.dumps({"train": to_dict(config), "objective": objective.name,
                               "model": objective.model_spec, "cache": cache.header.to_attrs(),
-                              **extra_fingerprint}, sort_keys=True)
+                              "processes": process.world, **extra_fingerprint}, sort_keys=True)
     state = RunState(run_dir / "last.pt", fingerprint)
     if state.load(model, optimizer):
         log.info("resuming %s at epoch %d, step %d", objective.name, state.epoch + 1,
                  state.step_in_epoch)
+        if not process.main:
+            state.epoch_sums = {}  # rank 0 carries the interrupted epoch's sums (already summed over ranks)
+    wrapped = model
+    if process.distributed:
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+        log.info("%d processes (%s): global batch %d = %d x %d, %d steps per epoch", process.world,
+                 torch.distributed.get_backend(), config.batch_size * process.world, config.batch_size,
+                 process.world, steps_per_epoch)
+    log_loader_memory(config, cache, objective)
     anchors = cache.anchors().to(device)
 
     while state.epoch < config.epochs:
-        train_one_epoch(model, objective, optimizer, cache, shards, anchors, config, state,
-                        steps_per_epoch, total_steps, warmup_steps, device)
+        train_one_epoch(wrapped, objective, optimizer, cache, shards, anchors, config, state,
+                        steps_per_epoch, total_steps, warmup_steps, device, process)
         state.epoch += 1
         state.step_in_epoch, state.epoch_sums = 0, {}
-        state.save(model, optimizer)
+        if process.main:
+            state.save(model, optimizer)
+        distributed.barrier()
+    distributed.stop()
     return model.eval(), state.history
 
 
+def loader_memory_bytes(config: TrainConfig, cache: TeacherCache, objective: Objective) -> int:
+    """Shared memory the DataLoader's prefetched batches take: workers x prefetch x batch bytes."""
+    per_image = 3 * config.image_size ** 2 + 8 + 8  # uint8 pixels, position, label
+    if objective.needs_targets:
+        per_image += 4 * cache.header.num_anchors
+    if objective.needs_embeddings:
+        per_image += 4 * cache.header.embed_dim
+    return config.workers * config.prefetch * config.batch_size * per_image
+
+
+def log_loader_memory(config: TrainConfig, cache: TeacherCache, objective: Objective) -> None:
+    """State the shared-memory budget of the data path; refuse one that /dev/shm cannot hold."""
+    if config.workers == 0:
+        return
+    need = loader_memory_bytes(config, cache, objective)
+    shm = Path("/dev/shm")
+    free = shutil.disk_usage(shm).free if shm.is_dir() else None
+    log.info("data loader: %d workers x prefetch %d x %d images = %.0f MB of shared memory%s",
+             config.workers, config.prefetch, config.batch_size, need / 1e6,
+             f" ({free / 1e6:.0f} MB free in /dev/shm)" if free is not None else "")
+    if free is not None and need > free:
+        raise PipelineError(
+            f"options --workers {config.workers} --prefetch {config.prefetch}: the prefetched batches need "
+            f"{need / 1e6:.0f} MB of shared memory, /dev/shm has {free / 1e6:.0f} MB free; lower them "
+            f"(or give the container more, e.g. docker --shm-size)"
+        )
+
+
+def epoch_batches(config: TrainConfig, replay: ReplayViews, shards: list[Path], epoch: int,
+                  process: distributed.Process, pin_memory: bool) -> Iterator[dict[str, Any]]:
+    """This process's batches of an epoch, endlessly: after its shards, another lap of them.
+
+    Batches smaller than MIN_BATCH (a worker's last few images) are left out, so that every
+    process takes a real step at every step of the epoch.
+    """
+    for lap in itertools.count():
+        dataset = MixedBatches(shards, config.batch_size, replay, replay.context, seed=config.seed,
+                               epoch=epoch, rank=process.rank, world=process.world,
+                               mix=config.mix_shards, lap=lap)
+        produced = False
+        for batch in iterate_batches(dataset, config.workers, pin_memory=pin_memory, prefetch=config.prefetch):
+            if len(batch["keys"]) >= MIN_BATCH:
+                produced = True
+                yield batch
+        if not produced:
+            raise PipelineError(f"{config.shards}: no decodable images for process {process.rank}")
+
+
 def train_one_epoch(
-    model: Student,
+    model: torch.nn.Module,
     objective: Objective,
     optimizer: torch.optim.Optimizer,
     cache: TeacherCache,
@@ -200,61 +289,69 @@ def train_one_epoch(
     total_steps: int,
     warmup_steps: int,
     device: torch.device,
+    process: distributed.Process,
 ) -> None:
     model.train()
     replay = ReplayViews(cache, config.seed, state.epoch, config.image_size, objective.needs_targets,
                          objective.needs_embeddings)
-    dataset = ShardBatches(shards, config.batch_size, replay, replay.context,
-                           order_seed=config.seed, epoch=state.epoch)
+    batches = epoch_batches(config, replay, shards, state.epoch, process, pin_memory=device.type == "cuda")
     sums = state.epoch_sums or {"loss": 0.0, "score": 0.0, "images": 0, "seconds": 0.0}
     progress = Progress(steps_per_epoch, f"{objective.name} {state.epoch + 1}/{config.epochs}", "step",
                         initial=state.step_in_epoch)
     started = time.perf_counter()
-    for index, batch in enumerate(iterate_batches(dataset, config.workers,
-                                                  pin_memory=device.type == "cuda")):
+    lr = learning_rate(state.global_step, total_steps, warmup_steps, config.lr)
+    for index, batch in zip(range(steps_per_epoch), batches, strict=False):  # batches never end
         if index < state.step_in_epoch:
             continue  # replaying the order of an interrupted epoch up to where it stopped
         lr = learning_rate(state.global_step, total_steps, warmup_steps, config.lr)
-        if len(batch["keys"]) >= MIN_BATCH:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            terms = train_step(model, optimizer, objective, batch, anchors, device, config.precision)
-            if not torch.isfinite(terms["loss"]):
-                # Stop before anything is saved: last.pt still holds the last good state.
-                raise PipelineError(
-                    f"{objective.name}: the loss is {terms['loss'].item()} at epoch {state.epoch + 1}, step "
-                    f"{state.step_in_epoch + 1} (lr {lr:.2g}); {state.path} keeps the last good checkpoint; "
-                    f"lower --lr, or check the cache with `python -m pipeline inspect`"
-                )
-            n = len(batch["keys"])
-            sums["loss"] += terms["loss"].item() * n
-            sums["score"] += terms[objective.score_name].item() * n
-            sums["images"] += n
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        terms = train_step(model, optimizer, objective, batch, anchors, device, config.precision)
+        if not torch.isfinite(terms["loss"]):
+            # Stop before anything is saved: last.pt still holds the last good state.
+            raise PipelineError(
+                f"{objective.name}: the loss is {terms['loss'].item()} at epoch {state.epoch + 1}, step "
+                f"{state.step_in_epoch + 1} (lr {lr:.2g}); {state.path} keeps the last good checkpoint; "
+                f"lower --lr, or check the cache with `python -m pipeline inspect`"
+            )
+        n = len(batch["keys"])
+        sums["loss"] += terms["loss"].item() * n
+        sums["score"] += terms[objective.score_name].item() * n
+        sums["images"] += n
         state.step_in_epoch += 1
         state.global_step += 1
         elapsed = sums["seconds"] + time.perf_counter() - started
         progress.update()
-        if sums["images"]:
-            progress.set_postfix(loss=f"{sums['loss'] / sums['images']:.4f}",
-                                 **{objective.score_name: f"{sums['score'] / sums['images']:.3f}"},
-                                 img_s=f"{sums['images'] / elapsed:.0f}")
+        progress.set_postfix(loss=f"{sums['loss'] / sums['images']:.4f}",
+                             **{objective.score_name: f"{sums['score'] / sums['images']:.3f}"},
+                             img_s=f"{sums['images'] * process.world / elapsed:.0f}")
         if config.checkpoint_every and state.global_step % config.checkpoint_every == 0 \
                 and state.step_in_epoch < steps_per_epoch:
-            state.epoch_sums = {**sums, "seconds": elapsed}
-            state.save(model, optimizer)
+            totals = distributed.sum_across([sums["loss"], sums["score"], sums["images"]], device)
+            if process.main:
+                state.epoch_sums = {**sums, "loss": totals[0], "score": totals[1], "images": totals[2],
+                                    "seconds": elapsed}
+                state.save(model_of(model), optimizer)
+    batches.close()
     progress.close()
     seconds = sums["seconds"] + time.perf_counter() - started
-    images = max(1, sums["images"])
+    loss, score, images = distributed.sum_across([sums["loss"], sums["score"], sums["images"]], device)
+    images = max(1.0, images)
     state.history.append({
         "epoch": state.epoch + 1,
-        "loss": sums["loss"] / images,
-        objective.score_name: sums["score"] / images,
+        "loss": loss / images,
+        objective.score_name: score / images,
         "lr": lr,
-        "images_per_second": sums["images"] / seconds if seconds > 0 else 0.0,
+        "images_per_second": images / seconds if seconds > 0 else 0.0,
     })
     log.info("%s epoch %d: loss %.4f, %s %.3f, %.0f images/s", objective.name, state.epoch + 1,
              state.history[-1]["loss"], objective.score_name, state.history[-1][objective.score_name],
              state.history[-1]["images_per_second"])
+
+
+def model_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (the model itself otherwise)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def train_step(
@@ -288,7 +385,10 @@ def write_outputs(config: Any, objective: Objective, model: Student, history: li
     """The final checkpoint, metrics JSON, per-epoch CSV and resolved config of a training stage.
 
     `config` is a DistillConfig or SupervisedConfig (both have out, metrics, plot and train).
+    Under torchrun, only rank 0 writes.
     """
+    if not distributed.is_main_process():
+        return
     save_checkpoint(config.out, {
         "model": objective.model_spec,
         "state_dict": model.cpu().state_dict(),
@@ -303,20 +403,8 @@ def write_outputs(config: Any, objective: Objective, model: Student, history: li
 
 
 def write_history_csv(path: str | Path, history: list[dict[str, float]]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(history[0]))
         writer.writeheader()
         for row in history:
             writer.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
-    tmp.replace(path)
-
-
-def write_json(path: str | Path, payload: dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    tmp.replace(path)

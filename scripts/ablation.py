@@ -22,10 +22,10 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.atomic import write_json
 from pipeline.cache import TeacherCache, stored_bytes_per_view
 from pipeline.config import DEFAULT_PARAMS, load_config, override
 from pipeline.errors import PipelineError
-from pipeline.training import write_json
 from stages import distill, precompute, probe
 
 OUT = Path("data/ablation")

@@ -13,7 +13,6 @@ Every number comes from this run; the ratios are what to compare across machines
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import multiprocessing
 import resource
@@ -24,16 +23,15 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
-import h5py
-import numpy as np
 import torch
 
-from pipeline.cache import TeacherCache
-from pipeline.config import BenchConfig, PrecomputeConfig, TrainConfig, write_resolved
+from pipeline.atomic import write_json
+from pipeline.cache import TeacherCache, replicate_views
+from pipeline.config import BenchConfig, PrecomputeConfig, write_resolved
 from pipeline.errors import PipelineError
 from pipeline.losses import csm_loss
 from pipeline.prompts import anchor_embeddings
-from pipeline.shards import Sample, ShardBatches, iterate_batches, list_shards
+from pipeline.shards import MixedBatches, Sample, ShardBatches, iterate_batches, list_shards
 from pipeline.student import build_student
 from pipeline.teacher import Teacher, load_teacher, resolve_device
 from pipeline.training import MIN_BATCH, Objective, ReplayViews, make_optimizer, train_step
@@ -58,7 +56,8 @@ class FreshViews:
         return {name: apply_view(sample.image, params, size) for name, size in self.sizes.items()}
 
 
-def cycle_batches(make_dataset: Callable[[int], ShardBatches], workers: int) -> Generator[dict[str, Any], None, None]:
+def cycle_batches(make_dataset: Callable[[int], ShardBatches | MixedBatches],
+                  workers: int) -> Generator[dict[str, Any], None, None]:
     """Batches epoch after epoch (skipping batches too small for BatchNorm)."""
     epoch = 0
     while True:
@@ -84,20 +83,20 @@ def timed(batches: Generator[dict[str, Any], None, None], step: Callable[[dict[s
 
 
 def student_trainer(config: BenchConfig, out_dim: int, device: torch.device):
-    train_config = TrainConfig(
-        shards=config.shards, cache=config.cache, arch=config.arch, head="mlp", head_hidden=512,
-        image_size=config.image_size, epochs=1, batch_size=config.batch_size, optimizer="adamw", lr=1e-3,
-        weight_decay=0.05, momentum=0.9, warmup_epochs=0.0, seed=0, workers=config.workers,
-        device=config.device, precision="bf16", checkpoint_every=0)
+    """The student and optimiser of the train section, as distill builds them."""
     torch.manual_seed(0)
-    model = build_student({"arch": config.arch, "out_dim": out_dim, "head": "mlp", "head_hidden": 512,
-                           "normalize_output": True}).to(device, memory_format=torch.channels_last)
+    model = build_student({"arch": config.train.arch, "out_dim": out_dim, "head": config.train.head,
+                           "head_hidden": config.train.head_hidden, "normalize_output": True})
+    model = model.to(device, memory_format=torch.channels_last)
     model.train()
-    return model, make_optimizer(model, train_config)
+    return model, make_optimizer(model, config.train)
+
+
+TAU = 0.05  # what a step costs does not depend on the temperatures
 
 
 def csm(embeddings: torch.Tensor, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return csm_loss(batch["targets"], embeddings, batch["anchors"], 0.02, 0.02)
+    return csm_loss(batch["targets"], embeddings, batch["anchors"], TAU, TAU)
 
 
 OBJECTIVE = Objective("bench", {}, csm, needs_targets=True, score_name="agreement")
@@ -109,48 +108,49 @@ ROUNDS = 2  # every measurement runs in two rounds, interleaved (a b c a b c): d
 def measure_training(config: BenchConfig, cache: TeacherCache, teacher: Teacher,
                      device: torch.device) -> dict[str, dict[str, float]]:
     """(a), (b) and (c) in interleaved rounds of steps/ROUNDS timed steps each."""
-    shards = list_shards(config.shards, "train")
+    shards = list_shards(config.train.shards, "train")
     anchors = cache.anchors().to(device)
 
     # (a) plain: same shards, decode and view rendering; fixed targets of the same shape.
     plain_model, plain_optimizer = student_trainer(config, cache.header.embed_dim, device)
-    fixed_targets = torch.randn(config.batch_size, cache.header.num_anchors)
+    fixed_targets = torch.randn(config.train.batch_size, cache.header.num_anchors)
 
     def plain_batches(round_: int):
-        return cycle_batches(lambda e: ShardBatches(shards, config.batch_size, FreshViews(
-            {"pixels": config.image_size}, e), order_seed=round_, epoch=e), config.workers)
+        return cycle_batches(lambda e: ShardBatches(shards, config.train.batch_size, FreshViews(
+            {"pixels": config.train.image_size}, e), order_seed=round_, epoch=e), config.train.workers)
 
     def plain_step(batch):
         batch["targets"] = fixed_targets[: len(batch["keys"])]
-        train_step(plain_model, plain_optimizer, OBJECTIVE, batch, anchors, device)
+        train_step(plain_model, plain_optimizer, OBJECTIVE, batch, anchors, device, config.train.precision)
 
     # (b) cached: the stage-two data path, targets from the HDF5 cache.
     cached_model, cached_optimizer = student_trainer(config, cache.header.embed_dim, device)
 
     def cached_batches(round_: int):
-        def dataset(epoch: int) -> ShardBatches:
-            replay = ReplayViews(cache, 0, epoch, config.image_size, with_targets=True)
-            return ShardBatches(shards, config.batch_size, replay, replay.context, order_seed=round_, epoch=epoch)
-        return cycle_batches(dataset, config.workers)
+        def dataset(epoch: int) -> MixedBatches:
+            replay = ReplayViews(cache, 0, epoch, config.train.image_size, with_targets=True)
+            return MixedBatches(shards, config.train.batch_size, replay, replay.context, seed=round_, epoch=epoch)
+        return cycle_batches(dataset, config.train.workers)
 
     def cached_step(batch):
-        train_step(cached_model, cached_optimizer, OBJECTIVE, batch, anchors, device)
+        train_step(cached_model, cached_optimizer, OBJECTIVE, batch, anchors, device, config.train.precision)
 
     # (c) online: the teacher encodes every view (its own resolution) before the student step.
     prompt_embeddings = teacher.encode_text(cache.prompts())
-    prompt_classes = torch.from_numpy(cache.file["prompts/class"][:].astype(np.int64))
+    prompt_classes = cache.prompt_classes()
     online_anchors = anchor_embeddings(prompt_embeddings.cpu(), prompt_classes, cache.header.num_classes,
                                        cache.header.anchor_mode).to(device)
     online_model, online_optimizer = student_trainer(config, teacher.embed_dim, device)
 
     def online_batches(round_: int):
-        return cycle_batches(lambda e: ShardBatches(shards, config.batch_size, FreshViews(
-            {"pixels": config.image_size, "teacher_pixels": teacher.image_size}, e), order_seed=round_, epoch=e),
-            config.workers)
+        return cycle_batches(lambda e: ShardBatches(shards, config.train.batch_size, FreshViews(
+            {"pixels": config.train.image_size, "teacher_pixels": teacher.image_size}, e), order_seed=round_, epoch=e),
+            config.train.workers)
 
     def online_step(batch):
         batch["targets"] = (teacher.encode_image(batch["teacher_pixels"]) @ online_anchors.T).float()
-        train_step(online_model, online_optimizer, OBJECTIVE, batch, online_anchors, device)
+        train_step(online_model, online_optimizer, OBJECTIVE, batch, online_anchors, device,
+                   config.train.precision)
 
     kinds = {"plain": (plain_batches, plain_step), "cached": (cached_batches, cached_step),
              "online": (online_batches, online_step)}
@@ -201,20 +201,20 @@ def subset_shards(shard_dir: str, count: int, work: Path) -> Path:
 
 def view_storage_bytes(path: Path) -> float:
     """Bytes per view of the per-view and per-image datasets (without the fixed prompt/anchor part)."""
-    with h5py.File(path, "r") as f:
-        stored = sum(f[group][name].id.get_storage_size() for group in ("views", "images")
-                     for name in f[group])
-        views = f["views/params"].shape[0]
-    return stored / max(1, views)
+    reader = TeacherCache(path)
+    try:
+        return reader.view_storage_bytes() / max(1, reader.num_views)
+    finally:
+        reader.close()
 
 
 def measure_precompute(config: BenchConfig, work: Path) -> dict[str, Any]:
     """(d) precompute end to end and (e) bytes per view, on the first shards of the set."""
-    subset = subset_shards(config.shards, config.precompute_shards, work)
+    subset = subset_shards(config.train.shards, config.precompute_shards, work)
     base = PrecomputeConfig(
         shards=str(subset), out="", views=config.views, crop_scale=CROP_SCALE, crop_ratio=CROP_RATIO, flip=True,
-        seed=0, topk=0, store_embeddings=False, batch_size=precompute_batch_size(config), workers=config.workers,
-        device=config.device, precision="bf16", metrics="", teacher=config.teacher, prompts=config.prompts)
+        seed=0, topk=0, store_embeddings=False, batch_size=precompute_batch_size(config), workers=config.train.workers,
+        device=config.train.device, precision="bf16", metrics="", teacher=config.teacher, prompts=config.prompts)
     results = {}
     for name, topk in (("full", 0), ("topk", config.topk)):
         out = work / f"{name}.h5"
@@ -228,57 +228,72 @@ def measure_precompute(config: BenchConfig, work: Path) -> dict[str, Any]:
     return results
 
 
-def replicate_views(source: Path, target: Path, factor: int) -> None:
-    """A copy of a cache with every image's views repeated `factor` times (V -> factor x V)."""
-    with h5py.File(source, "r") as src, h5py.File(target, "w") as dst:
-        for name, value in src.attrs.items():
-            dst.attrs[name] = value
-        V = int(src.attrs["views_per_image"])
-        dst.attrs["views_per_image"] = V * factor
-        for group in ("prompts", "anchors", "shards", "images"):
-            src.copy(src[group], dst, group)
-        views = dst.create_group("views")
-        n = src["images/key"].shape[0]
-        for name in src["views"]:
-            data = src["views"][name]
-            shape = (n * V * factor,) + data.shape[1:]
-            out = views.create_dataset(name, shape, dtype=data.dtype, chunks=(min(1024, shape[0]),) + data.shape[1:])
-            block = 256  # images per copy step: memory stays bounded
-            for start in range(0, n, block):
-                rows = data[start * V:min(n, start + block) * V]
-                rows = rows.reshape((-1, V) + data.shape[1:])
-                tiled = np.concatenate([rows] * factor, axis=1).reshape((-1,) + data.shape[1:])
-                out[start * V * factor:start * V * factor + len(tiled)] = tiled
-        views["image"][:] = np.repeat(np.arange(n, dtype=np.int32), V * factor)
-
-
 def rss_child(config: BenchConfig, cache_path: str, queue: multiprocessing.Queue) -> None:
     """Runs cached distillation steps in a fresh process; reports its peak RSS and its workers'."""
-    device = resolve_device(config.device)
+    device = resolve_device(config.train.device)
     cache = TeacherCache(cache_path)
-    shards = list_shards(config.shards, "train")
+    shards = list_shards(config.train.shards, "train")
     model, optimizer = student_trainer(config, cache.header.embed_dim, device)
     anchors = cache.anchors().to(device)
 
-    def dataset(epoch: int) -> ShardBatches:
-        replay = ReplayViews(cache, 0, epoch, config.image_size, with_targets=True)
-        return ShardBatches(shards, config.batch_size, replay, replay.context, order_seed=0, epoch=epoch)
+    def dataset(epoch: int) -> MixedBatches:
+        replay = ReplayViews(cache, 0, epoch, config.train.image_size, with_targets=True)
+        return MixedBatches(shards, config.train.batch_size, replay, replay.context, seed=0, epoch=epoch)
 
-    timed(cycle_batches(dataset, config.workers),
-          lambda b: train_step(model, optimizer, OBJECTIVE, b, anchors, device), 0,
+    timed(cycle_batches(dataset, config.train.workers),
+          lambda b: train_step(model, optimizer, OBJECTIVE, b, anchors, device, config.train.precision), 0,
           config.warmup_steps + config.steps)
     main_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     workers_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     queue.put({"main_mib": main_kib / 1024, "worker_mib": workers_kib / 1024})
 
 
+def bytes_read_by_this_process() -> int | None:
+    """Bytes this process has asked the kernel to read so far (`rchar` of /proc/self/io; None elsewhere)."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def target_read_ratio(cache_path: str | Path, epochs: int = 2) -> float | None:
+    """(g) Bytes read from the cache per byte of the rows stage two uses, over `epochs` epochs.
+
+    Every shard's targets are read as distill reads them (`ReplayViews.context`), after one
+    epoch that opens every part file (opening one reads about 70 KB of HDF5 metadata, once
+    per process); the used bytes are the stored size of the rows of the views taken plus each
+    image's position and label. 1.0 means nothing is read that is not used.
+    """
+    cache = TeacherCache(cache_path)
+    row_bytes = cache.view_row_bytes() + 8  # one view's stored row, and the image's position and label
+
+    def read_epoch(epoch: int) -> int:
+        replay = ReplayViews(cache, 0, epoch, 32, with_targets=True)
+        for shard in range(len(cache.shard_names)):
+            replay.context(shard)
+        return cache.num_images * row_bytes
+
+    read_epoch(epochs)  # opens the files
+    before = bytes_read_by_this_process()
+    if before is None:
+        return None
+    used = sum(read_epoch(epoch) for epoch in range(epochs))
+    read = bytes_read_by_this_process() - before
+    cache.close()
+    return read / max(1, used)
+
+
 def measure_rss(config: BenchConfig, work: Path) -> dict[str, Any]:
-    """(f) peak RSS of cached distillation with the cache at 1x and 8x (each in a fresh process)."""
+    """(f) peak RSS of cached distillation with the cache at 1x and 8x (each in a fresh process),
+    and (g) the bytes each reads from the cache per byte it uses."""
     big = work / "cache8x.h5"
-    replicate_views(Path(config.cache), big, 8)
+    replicate_views(Path(config.train.cache), big, 8)
     results = {}
     context = multiprocessing.get_context("spawn")
-    for name, path in (("1x", config.cache), ("8x", str(big))):
+    for name, path in (("1x", config.train.cache), ("8x", str(big))):
         queue = context.Queue()
         child = context.Process(target=rss_child, args=(config, path, queue))
         child.start()
@@ -286,18 +301,20 @@ def measure_rss(config: BenchConfig, work: Path) -> dict[str, Any]:
         if child.exitcode != 0:
             raise PipelineError(f"bench: the RSS measurement with the {name} cache failed")
         peak = queue.get()
-        peak["total_mib"] = peak["main_mib"] + peak["worker_mib"] * max(1, config.workers)
-        peak["cache_bytes"] = Path(path).stat().st_size
+        peak["total_mib"] = peak["main_mib"] + peak["worker_mib"] * max(1, config.train.workers)
+        peak["cache_bytes"] = TeacherCache(path).stored_bytes()
+        peak["read_per_used"] = target_read_ratio(path)
         results[name] = peak
     return results
 
 
 def run(config: BenchConfig) -> dict[str, Any]:
-    if config.steps < 1 or config.batch_size < 2:
+    if config.steps < 1 or config.train.batch_size < 2:
         raise PipelineError("options --steps must be >= 1 and --batch-size >= 2")
-    device = resolve_device(config.device)
-    cache = TeacherCache(config.cache)
-    teacher = load_teacher(config.teacher, config.device, allow_random=config.random_teacher)
+    device = resolve_device(config.train.device)
+    cache = TeacherCache(config.train.cache)
+    cache.require(shards=list_shards(config.train.shards, "train"))
+    teacher = load_teacher(config.teacher, config.train.device, allow_random=config.random_teacher)
     started = time.perf_counter()
     training = measure_training(config, cache, teacher, device)
     with tempfile.TemporaryDirectory(prefix="csm-bench-") as tmp:
@@ -313,8 +330,8 @@ def run(config: BenchConfig) -> dict[str, Any]:
         "device": str(device),
         "teacher": teacher.identity,
         "teacher_image_size": teacher.image_size,
-        "student": f"{config.arch}@{config.image_size}px",
-        "batch_size": config.batch_size,
+        "student": f"{config.train.arch}@{config.train.image_size}px",
+        "batch_size": config.train.batch_size,
         "steps": config.steps,
         "plain_images_per_second": training["plain"]["images_per_second"],
         "cached_images_per_second": training["cached"]["images_per_second"],
@@ -340,12 +357,13 @@ def run(config: BenchConfig) -> dict[str, Any]:
             "rss_growth_8x": rss["8x"]["total_mib"] / rss["1x"]["total_mib"] - 1,
             "cache_bytes_1x": rss["1x"]["cache_bytes"],
             "cache_bytes_8x": rss["8x"]["cache_bytes"],
+            "read_per_used_byte_1x": rss["1x"]["read_per_used"],
+            "read_per_used_byte_8x": rss["8x"]["read_per_used"],
         })
     result["seconds"] = round(time.perf_counter() - started, 1)
     print_table(result)
     if config.json:
-        Path(config.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(config.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(config.json, result)
         write_resolved(config, Path(config.json).with_suffix(".config.json"))
     return result
 
@@ -367,6 +385,9 @@ def print_table(r: dict[str, Any]) -> None:
     ]
     if "rss_growth_8x" in r:
         rows.append(("(f) peak RSS, cache 1x / 8x", f"{r['peak_rss_mib_1x']:.0f} / {r['peak_rss_mib_8x']:.0f} MiB"))
+    if r.get("read_per_used_byte_1x") is not None:
+        rows.append(("(g) cache bytes read / used, 1x / 8x",
+                     f"{r['read_per_used_byte_1x']:.3f} / {r['read_per_used_byte_8x']:.3f}"))
     for label, value in rows:
         print(f"  {label:<34} {value}")
     print("ratios:")

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline import demo_world
+from pipeline.atomic import atomic_path, write_json
 from pipeline.config import DemoTeacherConfig, TeacherConfig, write_resolved
 from pipeline.errors import PipelineError
 from pipeline.features import extract_features, top1, zero_shot_scores
@@ -33,20 +34,20 @@ from pipeline.losses import caption_contrastive_loss
 from pipeline.progress import Progress
 from pipeline.prompts import class_anchors
 from pipeline.shards import list_shards, read_classes
+from pipeline.student import save_checkpoint
 from pipeline.teacher import Teacher, build_model
+from pipeline.training import decay_groups, learning_rate
 from pipeline.views import apply_view, normalize_pixels, sample_view_params
 
 log = logging.getLogger(__name__)
 
-CROP_SCALE = (0.5, 1.0)
-CROP_RATIO = (3 / 4, 4 / 3)
-
-
 class CaptionStream(Dataset):
     """Item i: a freshly rendered demo image (random resized crop) and its tokenised caption."""
 
-    def __init__(self, seed: int, length: int, side: int, tokenizer: Any) -> None:
+    def __init__(self, seed: int, length: int, side: int, tokenizer: Any,
+                 crop_scale: tuple[float, float], crop_ratio: tuple[float, float]) -> None:
         self.seed, self.length, self.side, self.tokenizer = seed, length, side, tokenizer
+        self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
 
     def __len__(self) -> int:
         return self.length
@@ -55,28 +56,11 @@ class CaptionStream(Dataset):
         pixels, attributes = demo_world.make_image(self.seed, "train", index, self.side)
         image = torch.from_numpy(pixels).permute(2, 0, 1)
         rng = np.random.default_rng([self.seed, 7, index])
-        params = sample_view_params(rng, 1, self.side, self.side, CROP_SCALE, CROP_RATIO, False)
+        params = sample_view_params(rng, 1, self.side, self.side, self.crop_scale, self.crop_ratio, False)
         view = apply_view(image, params[0], self.side)
         tokens = self.tokenizer([attributes.caption])[0]
         caption_id = int(hashlib.sha1(attributes.caption.encode()).hexdigest()[:15], 16)
         return view, tokens, caption_id
-
-
-def learning_rate(step: int, config: DemoTeacherConfig) -> float:
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only (not gains, biases, embeddings or the logit scale)."""
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        matrix = parameter.ndim >= 2 and "embedding" not in name and "token" not in name
-        (decay if matrix else no_decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
 
 
 @torch.no_grad()
@@ -108,9 +92,8 @@ def zero_shot_accuracy(teacher: Teacher, config: DemoTeacherConfig) -> dict[str,
 def save_weights(model: torch.nn.Module, path: Path) -> None:
     """fp16 safetensors, written under a temporary name and renamed."""
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
 
 
 def run(config: DemoTeacherConfig) -> dict[str, Any]:
@@ -130,8 +113,9 @@ def run(config: DemoTeacherConfig) -> dict[str, Any]:
                else model.visual.image_size)
     mean = torch.tensor(model.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(model.visual.preprocess_cfg["std"]).view(1, 3, 1, 1)
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
-                                  betas=(0.9, 0.98), eps=1e-6)
+    # CLIP's AdamW settings; no weight decay on gains, biases, embeddings or the logit scale
+    optimizer = torch.optim.AdamW(decay_groups(model, config.weight_decay, ("embedding", "token")),
+                                  lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
 
     resume_path = out.with_name(out.name + ".resume.pt")
     step, elapsed, history = 0, 0.0, []
@@ -142,7 +126,8 @@ def run(config: DemoTeacherConfig) -> dict[str, Any]:
         step, elapsed, history = state["step"], state["elapsed"], json.loads(state["history"])
         log.info("resuming demo-teacher training at step %d", step)
 
-    stream = CaptionStream(config.seed, config.steps * config.batch_size, side, tokenizer)
+    stream = CaptionStream(config.seed, config.steps * config.batch_size, side, tokenizer, config.crop_scale,
+                           config.crop_ratio)
     sampler = range(step * config.batch_size, config.steps * config.batch_size)
     loader = DataLoader(stream, batch_size=config.batch_size, sampler=sampler,
                         num_workers=config.workers, drop_last=True)
@@ -151,7 +136,7 @@ def run(config: DemoTeacherConfig) -> dict[str, Any]:
     started = time.perf_counter() - elapsed
     for images, tokens, caption_ids in loader:
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, config)
+            group["lr"] = learning_rate(step, config.steps, config.warmup_steps, config.lr)
         image_embeddings = F.normalize(model.encode_image(normalize_pixels(images, mean, std)), dim=-1)
         text_embeddings = F.normalize(model.encode_text(tokens), dim=-1)
         terms = caption_contrastive_loss(image_embeddings, text_embeddings, model.logit_scale,
@@ -176,9 +161,9 @@ def run(config: DemoTeacherConfig) -> dict[str, Any]:
                 log.info("step %d: zero-shot plain %.3f, cpa %.3f", step, accuracy["plain"],
                          accuracy["cpa"])
                 model.train()
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "step": step, "elapsed": time.perf_counter() - started,
-                        "history": json.dumps(history)}, resume_path)
+            save_checkpoint(resume_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                          "step": step, "elapsed": time.perf_counter() - started,
+                                          "history": json.dumps(history)})
     progress.close()
     seconds = time.perf_counter() - started
     save_weights(model, out)
@@ -196,7 +181,7 @@ def run(config: DemoTeacherConfig) -> dict[str, Any]:
         "identity": teacher.identity,
         "history": history,
     }
-    (out.with_suffix(".metrics.json")).write_text(json.dumps(metrics, indent=1) + "\n")
+    write_json(out.with_suffix(".metrics.json"), metrics)
     write_resolved(config, out.with_suffix(".config.json"))
     resume_path.unlink(missing_ok=True)
     print(f"demo teacher {out} ({out.stat().st_size / 1e6:.1f} MB, {seconds / 60:.1f} min): "

@@ -16,32 +16,23 @@ from pipeline.config import DistillConfig
 from pipeline.errors import PipelineError
 from pipeline.losses import csm_loss, embedding_loss
 from pipeline.prompts import build_prompt_set, prompt_set_digest
-from pipeline.shards import list_shards, read_classes, shard_list_digest
-from pipeline.teacher import require_same_teacher, teacher_identity
+from pipeline.shards import list_shards, read_classes
+from pipeline.teacher import teacher_identity
 from pipeline.training import Objective, train, write_outputs
 
 log = logging.getLogger(__name__)
 
 
-def check_cache(cache: TeacherCache, config: DistillConfig, shards: list[Path]) -> None:
+def check_cache(cache: TeacherCache, config: DistillConfig, shards: list[Path], embeddings: bool = False) -> None:
     """Refuse a cache that does not hold what the params ask for, saying what differs."""
-    header = cache.header
     expected_teacher = teacher_identity(config.teacher)
-    require_same_teacher(cache.path, header.teacher_identity, expected_teacher,
-                         "re-run precompute or fix the teacher options")
     prompt_set = build_prompt_set(read_classes(config.train.shards), config.prompts)
-    expected_digest = prompt_set_digest(prompt_set, expected_teacher)
-    if header.prompt_digest != expected_digest:
-        raise PipelineError(
-            f"{cache.path}: anchor digest {header.prompt_digest[:12]} ({header.prompt_set} prompts, "
-            f"{header.anchor_mode} anchors) differs from the params' {expected_digest[:12]} "
-            f"({config.prompts.set} prompts, {config.prompts.anchors} anchors, "
-            f"{len(prompt_set.prompts)} strings); re-run precompute or fix the prompt options"
-        )
-    if cache.shard_names != [s.name for s in shards] or header.shard_digest != shard_list_digest(shards):
-        raise PipelineError(
-            f"{cache.path}: computed over other shards than {config.train.shards}; re-run precompute"
-        )
+    cache.require(
+        teacher_identity=expected_teacher,
+        prompt_digest=prompt_set_digest(prompt_set, expected_teacher),
+        prompts=f"{config.prompts.set} prompts, {config.prompts.anchors} anchors, {len(prompt_set.prompts)} strings",
+        shards=shards, embeddings=embeddings, fix="re-run precompute or fix the teacher options",
+    )
 
 
 def csm_objective(config: DistillConfig, embed_dim: int) -> Objective:
@@ -70,11 +61,8 @@ def run(config: DistillConfig) -> dict[str, Any]:
         raise PipelineError("option --embedding-weight must be >= 0")
     shards = list_shards(config.train.shards, "train")
     cache = TeacherCache(config.train.cache)
-    check_cache(cache, config, shards)
     objective = csm_objective(config, cache.header.embed_dim)
-    if objective.needs_embeddings and not cache.header.store_embeddings:
-        raise PipelineError(f"{cache.path}: --loss {config.loss} needs teacher image embeddings; "
-                            f"re-run precompute with --store-embeddings")
+    check_cache(cache, config, shards, embeddings=objective.needs_embeddings)
     model, history = train(config.train, objective, cache, shards, Path(config.run_dir),
                            {"tau_teacher": config.tau_teacher, "tau_student": config.tau_student,
                             "loss": config.loss, "embedding_weight": config.embedding_weight})

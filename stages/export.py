@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.atomic import atomic_path, write_json
 from pipeline.errors import PipelineError
-from pipeline.training import write_json
 from stages.predict import AnchorClassifier, load_classifier
 
 log = logging.getLogger(__name__)
@@ -51,13 +50,12 @@ CHECK_BATCH = 3  # not the export example's batch size, so the dynamic batch axi
 def write_via_temporary(path: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp)` then rename onto `path`: the output never holds a partial file. For writers
     that need a path (torch.jit.save, torch.onnx.export); text goes through `write_json`."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        write(tmp)
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save would append .npy to a path not ending in it
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.save would append .npy
         np.save(f, array.astype(np.float32))
 
 

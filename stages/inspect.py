@@ -23,14 +23,14 @@ def summary(path: str | Path, tau_teacher: float) -> dict[str, Any]:
     similarities = torch.from_numpy(reader.similarities(rows)) if views else torch.empty(0, 1)
     p = torch.softmax(similarities / tau_teacher, dim=-1)
     entropy = -(torch.special.xlogy(p, p)).sum(-1)
-    labels = reader.file["images/label"][:]
+    labels = reader.labels()
     anchor_classes = reader.anchor_classes()
-    image_of_row = rows // header.views_per_image
+    image_of_row = reader.view_images(rows) if views else np.empty(0, np.int64)
     argmax_class = anchor_classes[similarities.argmax(-1)].numpy() if views else np.empty(0)
     labelled = labels[image_of_row] >= 0
     result = {
         "file": str(path),
-        "bytes": Path(path).stat().st_size,
+        "bytes": reader.stored_bytes(),
         "header": header.to_attrs(),
         "shards": len(reader.shard_names),
         "images": reader.num_images,

@@ -4,12 +4,12 @@ For every training image, V views are sampled (a function of the seed, the shard
 image's position in it), rendered with `apply_view` at the teacher's resolution and
 encoded; their cosine similarities to the anchors are stored with the view parameters.
 Each completed shard is saved as a part file, so a killed run continues after its last
-completed shard; the final cache is joined under a temporary name and renamed.
+completed shard; the cache file, written under a temporary name and renamed, indexes the
+parts (`pipeline.cache`: they stay as the storage of the views).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import cache
+from pipeline import cache, distributed
+from pipeline.atomic import write_json
 from pipeline.config import PrecomputeConfig, write_resolved
 from pipeline.errors import PipelineError
 from pipeline.progress import Progress
@@ -32,7 +33,7 @@ from pipeline.shards import (
     sample_count,
     shard_list_digest,
 )
-from pipeline.teacher import load_teacher
+from pipeline.teacher import load_teacher, resolve_device
 from pipeline.views import apply_view, sample_view_params, view_rng
 
 log = logging.getLogger(__name__)
@@ -68,13 +69,28 @@ def check_options(config: PrecomputeConfig) -> None:
 
 
 def run(config: PrecomputeConfig, allow_random_teacher: bool = False) -> dict[str, Any]:
-    """Stage one. `allow_random_teacher` is for `bench` only (speed of a teacher without weights)."""
+    """Stage one. `allow_random_teacher` is for `bench` only (speed of a teacher without weights).
+
+    Under torchrun, rank r encodes the shards r, r + N, r + 2N, ... (those without a part
+    yet); after a barrier, rank 0 writes the cache file. The result does not depend on N.
+    Returns the metrics (on rank 0; an empty dict on the other ranks).
+    """
     check_options(config)
+    process = distributed.start()
+    try:
+        return run_process(config, process, allow_random_teacher)
+    finally:
+        distributed.stop()
+
+
+def run_process(config: PrecomputeConfig, process: distributed.Process,
+                allow_random_teacher: bool) -> dict[str, Any]:
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     shards = list_shards(config.shards, "train")
     classes = read_classes(config.shards)
-    teacher = load_teacher(config.teacher, config.device, allow_random=allow_random_teacher,
+    device = distributed.local_device(resolve_device(config.device), process)
+    teacher = load_teacher(config.teacher, str(device), allow_random=allow_random_teacher,
                            precision=config.precision)
     prompt_set = build_prompt_set(classes, config.prompts)
     header = cache.CacheHeader(
@@ -97,9 +113,11 @@ def run(config: PrecomputeConfig, allow_random_teacher: bool = False) -> dict[st
         topk=min(config.topk, prompt_set.num_anchors),
         store_embeddings=config.store_embeddings,
     )
-    resume_or_start(out, header, [s.name for s in shards])
+    if process.main:
+        resume_or_start(out, header, [s.name for s in shards])
+    distributed.barrier()
     done = cache.completed_parts(out, header.shard_digest)
-    todo = [s for s in range(len(shards)) if s not in done]
+    todo = [s for s in range(process.rank, len(shards), process.world) if s not in done]
     if done:
         log.info("resuming: %d of %d shards already done", len(done), len(shards))
 
@@ -109,12 +127,14 @@ def run(config: PrecomputeConfig, allow_random_teacher: bool = False) -> dict[st
                                 prompt_set.anchors)
     started = time.perf_counter()
     images_done = encode_shards(config, teacher, anchors, shards, todo, out, header)
+    images_done = int(distributed.sum_across([images_done])[0])  # waits for every rank's parts
+    if not process.main:
+        return {}
     corrupt = cache.join_parts(
         out, header, [s.name for s in shards], prompt_set.prompts, prompt_classes.numpy(),
         prompt_embeddings.cpu().numpy(), anchors.numpy(), prompt_set.anchor_classes().numpy(),
     )
     seconds = time.perf_counter() - started
-    cache.remove_parts(out)
 
     reader = cache.TeacherCache(out)
     views = reader.num_images * config.views
@@ -127,12 +147,12 @@ def run(config: PrecomputeConfig, allow_random_teacher: bool = False) -> dict[st
         "images_this_run": images_done,
         "images_per_second": round(images_done / seconds, 1) if seconds > 0 else 0.0,
         "views_per_second": round(images_done * config.views / seconds, 1) if seconds > 0 else 0.0,
-        "bytes_per_view": round(out.stat().st_size / max(1, views), 1),
-        "file_bytes": out.stat().st_size,
+        "bytes_per_view": round(reader.stored_bytes() / max(1, views), 1),
+        "file_bytes": reader.stored_bytes(),
         "topk": header.topk,
         "device": str(teacher.device),
     }
-    write_metrics(config.metrics, metrics)
+    write_json(config.metrics, metrics)
     write_resolved(config, out.with_name(out.name + ".config.json"))
     log.info("wrote %s: %d images x %d views, %.1f images/s, %.0f bytes/view, %d skipped", out,
              metrics["images"], config.views, metrics["images_per_second"],
@@ -146,6 +166,11 @@ def resume_or_start(out: Path, header: cache.CacheHeader, shard_names: list[str]
     previous = cache.read_state(out)
     if previous is not None and previous != state:
         directory = cache.parts_dir(out)
+        if out.is_file():
+            raise PipelineError(
+                f"{out}: a cache made with other settings is there (its views in {directory}); delete "
+                f"both, or give another --out, to make a new one"
+            )
         if previous["header"]["shard_digest"] != header.shard_digest:
             raise PipelineError(
                 f"{directory}: a partial run over a different shard list; the shards changed "
@@ -233,9 +258,3 @@ def write_shard_part(out: Path, shard: int, buffer: dict[str, list], header: cac
     cache.write_part(out, part, header)
 
 
-def write_metrics(path: str, metrics: dict[str, Any]) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(metrics, indent=1) + "\n")
-    tmp.replace(target)

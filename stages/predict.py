@@ -24,14 +24,14 @@ from typing import Any
 import torch
 from PIL import UnidentifiedImageError
 
+from pipeline.atomic import write_json
 from pipeline.cache import TeacherCache
 from pipeline.config import TeacherConfig
 from pipeline.errors import PipelineError
 from pipeline.features import zero_shot_scores
 from pipeline.shards import ClassInfo, decode_rgb, read_classes
 from pipeline.student import Student, load_student
-from pipeline.teacher import load_teacher, require_same_teacher, resolve_device, teacher_identity
-from pipeline.training import write_json
+from pipeline.teacher import load_teacher, resolve_device, teacher_identity
 from pipeline.views import eval_view
 from stages.shards import IMAGE_EXTENSIONS
 
@@ -194,8 +194,8 @@ def student_encoder(classifier: AnchorClassifier, device_name: str) -> Encoder:
 def teacher_encoder(classifier: AnchorClassifier, config: PredictConfig) -> Encoder:
     """The params' teacher, refused (before it is built) unless it is the one the cache records."""
     assert config.teacher is not None
-    require_same_teacher(config.cache, classifier.cache.header.teacher_identity, teacher_identity(config.teacher),
-                         "fix the teacher section of the params file or drop --teacher")
+    classifier.cache.require(teacher_identity=teacher_identity(config.teacher),
+                             fix="fix the teacher section of the params file or drop --teacher")
     teacher = load_teacher(config.teacher, config.device)
     tau = float(classifier.checkpoint.get("params", {}).get("tau_teacher", config.tau_teacher))
     return Encoder(teacher.image_size, lambda pixels: teacher.encode_image(pixels).cpu(), tau)

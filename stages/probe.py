@@ -9,6 +9,11 @@ refit on all of train, top-1/top-5 on val; for the student also on its projected
 (`linear_top1_embedding`). Zero-shot on val against the cache's anchors: the teacher's image
 embedding and the student's projected embedding; and the teacher against plain and CPA
 class anchors (`zeroshot_top1_plain`, `zeroshot_top1_cpa`), whatever prompt set the cache holds.
+
+Memory is bounded for ImageNet: the images are decoded once and every model's features are
+stored in float16 on the host; the models are then freed and the probes are fitted one model at
+a time on the stage's device, each moving only its own features there (as float32). The
+budget (`pipeline.linear_probe.probe_memory`) is logged before the features are extracted.
 """
 
 from __future__ import annotations
@@ -16,25 +21,29 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pipeline.atomic import atomic_path, write_json
 from pipeline.cache import TeacherCache
 from pipeline.config import ProbeConfig, write_resolved
 from pipeline.errors import PipelineError
 from pipeline.features import extract_features, zero_shot_scores
-from pipeline.linear_probe import linear_probe, topk_accuracy
+from pipeline.linear_probe import DEFAULT_WEIGHT_DECAYS, linear_probe, probe_memory, topk_accuracy
+from pipeline.progress import Progress
 from pipeline.prompts import class_anchors
-from pipeline.shards import list_shards, manifest_rows, read_classes
+from pipeline.shards import ClassInfo, list_shards, manifest_rows, read_classes, sample_count
 from pipeline.student import Student, build_student, load_student
-from pipeline.teacher import load_teacher, require_same_teacher, resolve_device
-from pipeline.training import write_json
+from pipeline.teacher import load_teacher, resolve_device
 
 log = logging.getLogger(__name__)
 
 ROWS = ("teacher", "student", "random_init", "supervised")
+FEATURE_DTYPE = torch.float16  # stored features: half of float32; the fits convert to float32
+ZERO_SHOT_ROWS = 4096  # val rows scored at a time (the scores are rows x classes)
 
 
 def backbone_encoder(model: Student, device: torch.device):
@@ -42,7 +51,7 @@ def backbone_encoder(model: Student, device: torch.device):
 
     @torch.no_grad()
     def encode(pixels: torch.Tensor) -> torch.Tensor:
-        return model.features(pixels.to(device)).float().cpu()
+        return model.features(pixels.to(device))
 
     return encode
 
@@ -50,7 +59,7 @@ def backbone_encoder(model: Student, device: torch.device):
 def embedding_encoder(model: Student, device: torch.device):
     @torch.no_grad()
     def encode(pixels: torch.Tensor) -> torch.Tensor:
-        return model(pixels.to(device)).float().cpu()
+        return model(pixels.to(device))
 
     return encode
 
@@ -64,54 +73,28 @@ def random_init_like(checkpoint: dict[str, Any]) -> Student:
 def run(config: ProbeConfig) -> dict[str, Any]:
     device = resolve_device(config.device)
     cache = TeacherCache(config.cache)
-    student, checkpoint = load_student(config.student)
-    if checkpoint.get("anchor_digest") != cache.header.prompt_digest:
-        raise PipelineError(f"{config.student}: trained against other anchors than {config.cache}")
-    teacher = load_teacher(config.teacher, config.device)
-    require_same_teacher(config.cache, cache.header.teacher_identity, teacher.identity,
-                         "re-run precompute or fix the teacher options")
     classes = read_classes(config.shards)
-    size = int(checkpoint["image_size"])
-    backbones = {"student": student, "random_init": random_init_like(checkpoint)}
-    if config.supervised:
-        supervised, _ = load_student(config.supervised)
-        backbones["supervised"] = supervised
-    encoders = {name: (size, backbone_encoder(model, device)) for name, model in backbones.items()}
-    encoders["teacher"] = (teacher.image_size, teacher.encode_image)
-    train_shards = list_shards(config.shards, "train")
-    if config.max_train_images:
-        train_shards = first_shards_with(train_shards, config.max_train_images, config.shards)
-    encoders["student_embedding"] = (size, embedding_encoder(student, device))
-    train_features, train_labels, _ = extract_features(train_shards, encoders, config.batch_size,
-                                                       config.workers, "probe train")
-    val_features, val_labels, _ = extract_features(list_shards(config.shards, "val"), encoders,
-                                                   config.batch_size, config.workers, "probe val")
-    if (train_labels < 0).any() or (val_labels < 0).any():
-        raise PipelineError(f"{config.shards}: the probe needs labelled train and val shards")
-
     num_classes = len(classes)
+    train, val, zero_shot = features_and_zero_shot(config, cache, classes, device)
+    if device.type == "cuda":  # the models are gone: give their memory to the fits
+        torch.cuda.empty_cache()
+
     metrics: dict[str, dict[str, float]] = {}
-    for name in (*ROWS, "student_embedding"):
-        if name not in train_features:
-            continue
-        result = linear_probe(train_features[name], train_labels, val_features[name], val_labels,
-                              num_classes, holdout_fraction=config.holdout_fraction, seed=config.seed)
+    names = [name for name in (*ROWS, "student_embedding") if name in train.features]
+    progress = Progress(len(names) * (len(DEFAULT_WEIGHT_DECAYS) + 1), "probe fits", "fit")
+    for name in names:  # one model at a time; its features are freed after its fit
+        progress.set_postfix(model=name)
+        result = linear_probe(train.features.pop(name), train.labels, val.features.pop(name), val.labels,
+                              num_classes, holdout_fraction=config.holdout_fraction, seed=config.seed,
+                              device=device, progress=progress)
         if name == "student_embedding":  # the projected embedding, beside the pooled features
             metrics["student"].update(linear_top1_embedding=result.top1, linear_top5_embedding=result.top5)
         else:
             metrics[name] = {"linear_top1": result.top1, "linear_top5": result.top5}
         log.info("%s: linear top-1 %.3f (weight decay %.1e)", name, result.top1, result.weight_decay)
-    anchors, anchor_classes = cache.anchors(), cache.anchor_classes()
-    for name, features in (("teacher", val_features["teacher"]),
-                           ("student", val_features["student_embedding"])):
-        scores = zero_shot_scores(features, anchors, anchor_classes, num_classes)
-        metrics[name]["zeroshot_top1"] = topk_accuracy(scores, val_labels, 1)
-        metrics[name]["zeroshot_top5"] = topk_accuracy(scores, val_labels, min(5, num_classes))
-    for prompt_set in ("plain", "cpa"):  # the teacher with either prompt set, whatever the cache holds
-        set_anchors = class_anchors(teacher.encode_text, classes, config.prompts, prompt_set)
-        scores = zero_shot_scores(val_features["teacher"], set_anchors, torch.arange(num_classes),
-                                  num_classes)
-        metrics["teacher"][f"zeroshot_top1_{prompt_set}"] = topk_accuracy(scores, val_labels, 1)
+    progress.close()
+    for name, row in zero_shot.items():
+        metrics[name].update(row)
     write_json(config.out, metrics)
     write_resolved(config, Path(config.out).with_suffix(".config.json"))
     plots = Path(config.plots)
@@ -120,6 +103,86 @@ def run(config: ProbeConfig) -> dict[str, Any]:
         plot_curves(Path(config.distill_csv), plots / "distill.png")
     print_table(metrics)
     return metrics
+
+
+@dataclass
+class SplitFeatures:
+    """One split's frozen features, per model (N, D) FEATURE_DTYPE on the host, and its labels (N,)."""
+
+    features: dict[str, torch.Tensor]
+    labels: torch.Tensor
+
+
+def features_and_zero_shot(config: ProbeConfig, cache: TeacherCache, classes: list[ClassInfo],
+                           device: torch.device) -> tuple[SplitFeatures, SplitFeatures, dict[str, dict[str, float]]]:
+    """Every model's train and val features (one pass over the images) and the zero-shot metrics.
+
+    The models live only in here, so their memory is free for the fits once it returns. Logs the
+    memory budget of the probe first.
+    """
+    student, checkpoint = load_student(config.student)
+    if checkpoint.get("anchor_digest") != cache.header.prompt_digest:
+        raise PipelineError(f"{config.student}: trained against other anchors than {config.cache}")
+    teacher = load_teacher(config.teacher, config.device)
+    cache.require(teacher_identity=teacher.identity, fix="re-run precompute or fix the teacher options")
+    size = int(checkpoint["image_size"])
+    backbones = {"student": student, "random_init": random_init_like(checkpoint)}
+    if config.supervised:
+        backbones["supervised"] = load_student(config.supervised)[0]
+    encoders = {name: (size, backbone_encoder(model, device)) for name, model in backbones.items()}
+    encoders["teacher"] = (teacher.image_size, teacher.encode_image)
+    encoders["student_embedding"] = (size, embedding_encoder(student, device))
+    dims = {"teacher": teacher.embed_dim, **{name: model.feature_dim for name, model in backbones.items()},
+            "student_embedding": int(checkpoint["model"]["out_dim"])}
+    train_shards = list_shards(config.shards, "train")
+    if config.max_train_images:
+        train_shards = first_shards_with(train_shards, config.max_train_images, config.shards)
+    val_shards = list_shards(config.shards, "val")
+    num_classes = len(classes)
+
+    def log_budget(num_train: int, num_val: int) -> None:
+        log.info("%s", probe_memory(num_train, num_val, dims, num_classes, device=device,
+                                    store_dtype=FEATURE_DTYPE).describe())
+
+    num_train, num_val = sample_count(train_shards), sample_count(val_shards)
+    if num_train is not None and num_val is not None:
+        log_budget(num_train, num_val)
+    train = SplitFeatures(*extract_features(train_shards, encoders, config.batch_size, config.workers,
+                                            "probe train", FEATURE_DTYPE)[:2])
+    val = SplitFeatures(*extract_features(val_shards, encoders, config.batch_size, config.workers,
+                                          "probe val", FEATURE_DTYPE)[:2])
+    if (train.labels < 0).any() or (val.labels < 0).any():
+        raise PipelineError(f"{config.shards}: the probe needs labelled train and val shards")
+    if num_train is None or num_val is None:  # no manifest: the budget from what was extracted
+        log_budget(len(train.labels), len(val.labels))
+
+    zero_shot: dict[str, dict[str, float]] = {}
+    anchors, anchor_classes = cache.anchors(), cache.anchor_classes()
+    for name, features in (("teacher", val.features["teacher"]),
+                           ("student", val.features["student_embedding"])):
+        top1, top5 = zero_shot_accuracy(features, val.labels, anchors, anchor_classes, num_classes)
+        zero_shot[name] = {"zeroshot_top1": top1, "zeroshot_top5": top5}
+    for prompt_set in ("plain", "cpa"):  # the teacher with either prompt set, whatever the cache holds
+        # anchor_embeddings sums on the CPU: the text embeddings come from the teacher's device
+        set_anchors = class_anchors(lambda texts: teacher.encode_text(texts).cpu(), classes,
+                                    config.prompts, prompt_set)
+        top1, _ = zero_shot_accuracy(val.features["teacher"], val.labels, set_anchors,
+                                     torch.arange(num_classes), num_classes)
+        zero_shot["teacher"][f"zeroshot_top1_{prompt_set}"] = top1
+    return train, val, zero_shot
+
+
+def zero_shot_accuracy(features: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor,
+                       anchor_classes: torch.Tensor, num_classes: int) -> tuple[float, float]:
+    """Zero-shot top-1 and top-k (k = min(5, classes)), scored ZERO_SHOT_ROWS rows at a time."""
+    k = min(5, num_classes)
+    hits = [0, 0]
+    for start in range(0, len(labels), ZERO_SHOT_ROWS):
+        rows = slice(start, start + ZERO_SHOT_ROWS)
+        scores = zero_shot_scores(features[rows], anchors, anchor_classes, num_classes)
+        for i, top in enumerate((1, k)):  # a fraction of at most ZERO_SHOT_ROWS rows: exact count
+            hits[i] += round(topk_accuracy(scores, labels[rows], top) * scores.shape[0])
+    return hits[0] / len(labels), hits[1] / len(labels)
 
 
 def first_shards_with(shards: list[Path], images: int, shard_dir: str) -> list[Path]:
@@ -188,7 +251,8 @@ def plot_bars(metrics: dict[str, dict[str, float]], path: Path) -> None:
     ax.set_title("probe: teacher, distilled student, baselines")
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -210,5 +274,6 @@ def plot_curves(csv_path: Path, path: Path) -> None:
     right.set_ylabel("teacher agreement top-1")
     fig.suptitle("distill")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

@@ -13,7 +13,6 @@ from typing import Any
 
 from pipeline.cache import TeacherCache
 from pipeline.config import SupervisedConfig
-from pipeline.errors import PipelineError
 from pipeline.losses import supervised_loss
 from pipeline.shards import list_shards, read_classes
 from pipeline.training import Objective, train, write_outputs
@@ -24,10 +23,7 @@ log = logging.getLogger(__name__)
 def run(config: SupervisedConfig) -> dict[str, Any]:
     shards = list_shards(config.train.shards, "train")
     cache = TeacherCache(config.train.cache)
-    if cache.shard_names != [s.name for s in shards]:
-        raise PipelineError(f"{cache.path}: computed over other shards than {config.train.shards}")
-    if (cache.file["images/label"][:] < 0).any():
-        raise PipelineError(f"{config.train.shards}: unlabelled samples; the supervised reference needs labels")
+    cache.require(shards=shards, labels=True)
     num_classes = len(read_classes(config.train.shards))
 
     def loss(logits, batch: dict[str, Any]):

@@ -20,9 +20,10 @@ def test_bench_reports_every_ratio(demo_shards, tiny_teacher, tmp_path, capsys):
     config, weights = tiny_teacher
     out = tmp_path / "bench.json"
     result = bench.run(stage_config(
-        "bench", shards=str(demo_shards), cache=str(cache), image_size=32, batch_size=16, steps=2, warmup_steps=1,
-        workers=1, topk=4, views=2, precompute_shards=1, json=str(out), **{"teacher.config": str(config),
-                                                                          "teacher.checkpoint": str(weights)}))
+        "bench", train__shards=str(demo_shards), train__cache=str(cache), train__image_size=32,
+        train__batch_size=16, steps=2, warmup_steps=1, train__workers=1, topk=4, views=2, precompute_shards=1,
+        json=str(out),
+        **{"teacher.config": str(config), "teacher.checkpoint": str(weights)}))
     written = json.loads(out.read_text())
     assert KEYS <= set(written) and written == json.loads(json.dumps(result))
     for key in ("plain_images_per_second", "cached_images_per_second", "online_images_per_second",
@@ -40,5 +41,9 @@ def test_bench_reports_every_ratio(demo_shards, tiny_teacher, tmp_path, capsys):
     topk_bytes = 4 * (topk_index_dtype(48).itemsize + 2)
     assert written["bytes_per_view_full"] - written["bytes_per_view_topk"] == pytest.approx(96 - topk_bytes, abs=0.5)
     assert written["cache_bytes_8x"] > written["cache_bytes_1x"]
+    # an epoch reads the rows it uses, whatever the number of stored views: with 8x the views,
+    # it reads no more (the old layout read all of them: 8x more); HDF5 metadata is the rest
+    assert written["read_per_used_byte_1x"] >= 1
+    assert written["read_per_used_byte_8x"] <= 1.1 * written["read_per_used_byte_1x"]
     table = capsys.readouterr().out
     assert "cached_over_plain" in table and "(f) peak RSS" in table

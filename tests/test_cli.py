@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -90,3 +91,17 @@ def test_demo_shards_from_the_cli(tmp_path):
     result = cli("shards", "--out", str(out), "--train", "20", "--val", "10", "--workers", "1")
     assert result.returncode == 0, result.stderr
     assert (out / "train-000000.tar").is_file() and (out / "manifest.json").is_file()
+
+
+def test_main_called_from_python_runs_with_the_params_it_is_given(tmp_path, monkeypatch):
+    from pipeline.__main__ import main
+
+    out = tmp_path / "from-params"
+    params = (ROOT / "params.yaml").read_text().replace("train: 10000", "train: 6").replace(
+        "val: 2000", "val: 3").replace("out: data/shards/demo", f"out: {out}")
+    (tmp_path / "params.yaml").write_text(params)
+    monkeypatch.chdir(tmp_path)  # sys.argv here is pytest's: nothing may be read from it
+    assert main(["--params", str(tmp_path / "params.yaml"), "shards", "--workers", "1"]) == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "val-000000.tar"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["samples"] == 6 and manifest["splits"]["val"]["samples"] == 3

@@ -18,9 +18,9 @@ import torch
 from pipeline.cache import TeacherCache
 from pipeline.errors import PipelineError
 from pipeline.losses import csm_loss, embedding_loss
-from pipeline.shards import ShardBatches, iter_shard, iterate_batches, list_shards
+from pipeline.shards import MixedBatches, iter_shard, iterate_batches, list_shards
 from pipeline.student import load_student
-from pipeline.training import ReplayViews, chosen_views
+from pipeline.training import ReplayViews, epoch_view
 from pipeline.views import apply_view
 from stages import distill, precompute
 from tests.conftest import ROOT, make_tiny_teacher, precompute_config, stage_config
@@ -177,24 +177,56 @@ def test_shuffled_batches_pair_each_image_with_its_own_view_and_targets(demo_sha
     shards = list_shards(demo_shards, "train")
     seed, epoch, views = 3, 1, cache.header.views_per_image
     replay = ReplayViews(cache, seed, epoch, 32, with_targets=True)
-    dataset = ShardBatches(shards, 16, replay, replay.context, order_seed=seed, epoch=epoch)
+    dataset = MixedBatches(shards, 16, replay, replay.context, seed=seed, epoch=epoch)
     with h5py.File(demo_cache, "r") as f:
         row_of_key = {k.decode(): i for i, k in enumerate(f["images/key"][:])}
         similarities = f["views/similarities"][:].astype(np.float32)
         params = f["views/params"][:]
+        view_image = f["views/image"][:]
     images = {s.key: s.image for index, path in enumerate(shards) for s in iter_shard(path, index)}
     positions: dict[int, list[int]] = {}
     seen = 0
     for batch in iterate_batches(dataset, 0):
-        shard = batch["shard"]
-        start = int(cache.image_start[shard])
-        chosen = chosen_views(seed, epoch, shard, int(cache.image_count[shard]), views)
         for i, key in enumerate(batch["keys"]):
+            shard = int(batch["shards"][i])
+            start, count = int(cache.image_start[shard]), int(cache.image_count[shard])
+            view = epoch_view(seed, epoch, shard, views)
             image = row_of_key[key]
-            row = image * views + int(chosen[image - start])
+            row = start * views + view * count + (image - start)  # the layout, spelled out by hand
+            assert view_image[row] == image
             assert torch.equal(batch["targets"][i], torch.from_numpy(similarities[row])), key
             assert torch.equal(batch["pixels"][i], apply_view(images[key], params[row], 32)), key
             positions.setdefault(shard, []).append(int(batch["positions"][i]))
             seen += 1
     assert seen == cache.num_images
     assert all(p != sorted(p) for p in positions.values())  # every shard's order really is shuffled
+
+
+def test_batches_mix_shards_in_an_order_fixed_by_seed_and_epoch(demo_shards):
+    shards = list_shards(demo_shards, "train")
+
+    def keys(epoch, rank=0, world=1, seed=0):
+        dataset = MixedBatches(shards, 16, lambda sample, _: {}, None, seed=seed, epoch=epoch, rank=rank,
+                               world=world, mix=4)
+        batches = list(iterate_batches(dataset, 0))
+        return [b["keys"] for b in batches], [set(b["shards"].tolist()) for b in batches]
+
+    batches, shard_sets = keys(epoch=0)
+    flat = [k for b in batches for k in b]
+    assert len(flat) == len(set(flat)) == 96  # every image once per epoch
+    assert all(len(s) >= 2 for s in shard_sets)  # every batch mixes shards
+    assert keys(epoch=0)[0] == batches  # the same (seed, epoch): the same batches
+    assert keys(epoch=1)[0] != batches and keys(epoch=0, seed=1)[0] != batches
+    rank0 = {k for b in keys(0, rank=0, world=2)[0] for k in b}
+    rank1 = {k for b in keys(0, rank=1, world=2)[0] for k in b}
+    assert not rank0 & rank1 and rank0 | rank1 == set(flat)  # two processes split the shards
+
+
+def test_a_shared_memory_budget_above_dev_shm_is_refused(demo_shards, demo_cache, tiny_teacher, tmp_path):
+    config = distill_config(demo_shards, demo_cache, tiny_teacher, tmp_path,
+                            **{"train.workers": 64, "train.prefetch": 1000, "train.batch_size": 4096,
+                               "train.image_size": 512})
+    with pytest.raises(PipelineError, match=r"options --workers 64 --prefetch 1000: the prefetched batches need "
+                                            r"\d+ MB of shared memory, /dev/shm has \d+ MB free; lower them"):
+        distill.run(config)
+    assert not (tmp_path / "run" / "last.pt").exists()

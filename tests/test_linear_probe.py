@@ -1,11 +1,14 @@
-"""The linear probe: accuracy on separable / random problems, the sweep, standardisation, errors."""
+"""The linear probe: accuracy on separable / random problems, the sweep, standardisation, the
+chunked objective, float16 storage, progress, errors."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from pipeline.linear_probe import DEFAULT_WEIGHT_DECAYS, ProbeResult, linear_probe, topk_accuracy
+from pipeline.linear_probe import DEFAULT_WEIGHT_DECAYS, ProbeResult, linear_probe, objective, topk_accuracy
+from pipeline.progress import Progress
 
 
 def blobs(n: int, num_classes: int, dim: int, spread: float, seed: int,
@@ -93,6 +96,58 @@ def test_works_inside_no_grad_and_with_two_classes():
     assert result.top5 == 1.0  # top-k with k = min(5, num_classes) = 2
 
 
+def test_objective_is_the_autograd_loss_and_gradient_for_any_chunking():
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(203, 16, generator=generator)
+    y = torch.randint(0, 6, (203,), generator=generator)
+    weight, bias = 0.5 * torch.randn(6, 16, generator=generator), 0.5 * torch.randn(6, generator=generator)
+    w, b = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+    weight_before = weight.clone()
+    expected = F.cross_entropy(torch.addmm(b, x, w.T), y) + 0.01 * w.pow(2).sum()
+    expected.backward()
+    for chunk_rows in (203, 1000, 64, 7, 1):
+        loss, grad_weight, grad_bias = objective(x, y, weight, bias, 0.01, chunk_rows)
+        torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad_weight, w.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad_bias, b.grad, rtol=1e-5, atol=1e-5)
+    assert torch.equal(weight, weight_before)  # not changed in place
+
+
+def test_chunked_fit_gives_the_full_batch_result():
+    # Hard enough (top-1 ~0.6) that a different solution would move the accuracies.
+    x_train, y_train, x_val, y_val = split_blobs(num_classes=10, dim=32, spread=0.35)
+    full = linear_probe(x_train, y_train, x_val, y_val, 10)
+    for chunk_rows in (37, 1):
+        chunked = linear_probe(x_train, y_train, x_val, y_val, 10, chunk_rows=chunk_rows)
+        assert chunked.weight_decay == full.weight_decay
+        # chunks sum in another order: L-BFGS may end a hair apart and flip a sample or two
+        assert chunked.top1 == pytest.approx(full.top1, abs=0.02)
+        assert chunked.top5 == pytest.approx(full.top5, abs=0.02)
+        assert chunked.sweep == pytest.approx(full.sweep, abs=0.02)
+
+
+def test_float16_features_give_the_result_of_their_float32_values():
+    x_train, y_train, x_val, y_val = split_blobs(num_classes=10, dim=32, spread=0.35)
+    stored = linear_probe(x_train.half(), y_train, x_val.half(), y_val, 10, weight_decays=[1e-4, 1e-2])
+    widened = linear_probe(x_train.half().float(), y_train, x_val.half().float(), y_val, 10,
+                           weight_decays=[1e-4, 1e-2])
+    exact = linear_probe(x_train, y_train, x_val, y_val, 10, weight_decays=[1e-4, 1e-2])
+    assert stored == widened  # float16 -> float32 is exact: the same fit
+    assert stored.top1 == pytest.approx(exact.top1, abs=0.01)  # rounding to float16 is noise
+
+
+def test_progress_advances_once_per_fit():
+    x_train, y_train, x_val, y_val = split_blobs(n_train=200, n_val=50)
+    progress = Progress(4, "probe fits", "fit", terminal=False)
+    progress.set_postfix(model="blobs")
+    result = linear_probe(x_train, y_train, x_val, y_val, 10, weight_decays=[1e-4, 1e-2, 1.0],
+                          progress=progress)
+    assert progress.done == 4  # three sweep fits and the refit
+    assert progress.postfix["model"] == "blobs"  # the caller's postfix is kept
+    assert progress.postfix["val_top1"] == f"{result.top1:.3f}"
+    assert "4/4 fit" in progress.line()
+
+
 def test_topk_accuracy_hand_example():
     logits = torch.tensor([
         [0.1, 0.5, 0.3, 0.0],   # order 1, 2, 0, 3
@@ -132,9 +187,15 @@ def test_errors_name_the_argument():
         linear_probe(x_train, y_train, x_val, y_val, 10, weight_decays=[-1.0])
     with pytest.raises(ValueError, match="holdout_fraction"):
         linear_probe(x_train, y_train, x_val, y_val, 10, holdout_fraction=1.0)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        linear_probe(x_train, y_train, x_val, y_val, 10, chunk_rows=0)
     with pytest.raises(ValueError, match="num_classes"):
         linear_probe(x_train, y_train, x_val, y_val, 1)
     x_nan = x_train.clone()
     x_nan[0, 0] = float("nan")
     with pytest.raises(ValueError, match="train_features"):
         linear_probe(x_nan, y_train, x_val, y_val, 10)
+    x_inf = x_val.half()
+    x_inf[-1, -1] = float("inf")  # in the last of several chunks
+    with pytest.raises(ValueError, match="val_features"):
+        linear_probe(x_train, y_train, x_inf, y_val, 10, chunk_rows=7)

@@ -60,17 +60,21 @@ def test_layout_counts_and_metrics(full_cache, demo_shards):
     f = reader.file
     assert f["views/similarities"].shape == (384, 48) and f["views/similarities"].dtype == np.float16
     assert f["views/params"].shape == (384, 5)
-    assert np.array_equal(f["views/image"][:], np.repeat(np.arange(96), 4))
+    # view-major within each shard: shard s's rows are its 32 images for view 0, then view 1...
+    expected = np.concatenate([np.tile(np.arange(32 * s, 32 * (s + 1)), 4) for s in range(3)])
+    assert np.array_equal(f["views/image"][:], expected)
+    assert f["views/similarities"].is_virtual and f["views/params"].is_virtual
     anchors = f["anchors/embeddings"][:]
     assert np.allclose(np.linalg.norm(anchors, axis=1), 1, atol=1e-5)
     for key in ("images", "views", "skipped", "seconds", "images_per_second", "views_per_second",
                 "bytes_per_view"):
         assert key in metrics
-    assert metrics["bytes_per_view"] == pytest.approx(out.stat().st_size / 384, rel=1e-3)
+    parts = sorted((out.parent / "teacher.h5.parts").glob("part-*.h5"))
+    stored = out.stat().st_size + sum(p.stat().st_size for p in parts)
+    assert len(parts) == 3 and metrics["bytes_per_view"] == pytest.approx(stored / 384, rel=1e-3)
     params = f["views/params"][:]
     assert len(np.unique(params[:, :4], axis=0)) > 300  # views differ
     assert 0.3 < params[:, 4].mean() < 0.7  # flips happen about half the time
-    assert not (out.parent / "teacher.h5.parts").exists()
 
 
 def test_replay_teacher_on_stored_views(full_cache, demo_shards, tiny_teacher):
@@ -187,7 +191,7 @@ def test_resume_after_kill_gives_the_same_file(tmp_path, tiny_teacher):
     resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{done} of 60 shards already done" in resumed.stderr
-    assert not parts.exists()
+    assert len(list(parts.glob("part-*.h5"))) == 60  # the parts are the storage of the views
 
     uninterrupted = tmp_path / "clean" / "teacher.h5"
     clean_args = [a if a != str(out) else str(uninterrupted) for a in args]
@@ -198,8 +202,13 @@ def test_resume_after_kill_gives_the_same_file(tmp_path, tiny_teacher):
 
 def test_bytes_per_view_formula_matches_the_file(full_cache, demo_shards, tiny_teacher, tmp_path):
     def views_storage(path):
+        """Stored bytes of the views: views/image in the file, the rest in the part files."""
         with h5py.File(path) as f:
-            return sum(f["views"][name].id.get_storage_size() for name in f["views"]) / f["views/params"].shape[0]
+            total, rows = f["views/image"].id.get_storage_size(), f["views/image"].shape[0]
+        for part in sorted(cache.parts_dir(path).glob("part-*.h5")):
+            with h5py.File(part) as f:
+                total += sum(f[name].id.get_storage_size() for name in cache.PER_VIEW if name in f)
+        return total / rows
 
     image_part = (32 + 12) / 4
     assert views_storage(full_cache[0]) == cache.stored_bytes_per_view(48, 4) - image_part
