@@ -20,6 +20,7 @@ import typer
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline import config as cfg
+from pipeline.atomic import out_of_space
 from pipeline.distributed import is_main_process
 from pipeline.errors import PipelineError
 
@@ -166,6 +167,16 @@ def inspect_cache(
     inspect_stage.run(file, tau_teacher)
 
 
+@app.command("verify")
+def verify_cache(
+    file: Path = typer.Argument(..., help="teacher cache (HDF5) written by precompute"),
+) -> None:
+    """Check a teacher cache's structure and every shard's checksums; list the bad shards."""
+    from stages import verify as verify_stage
+
+    verify_stage.run(file)
+
+
 @app.command("report")
 def report(
     file: Path = typer.Argument(Path("metrics/probe.json"), help="probe metrics JSON"),
@@ -246,6 +257,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except PipelineError as err:
         print(f"error: {one_line(str(err))}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if not out_of_space(err):
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{one_line(err.strerror or str(err))}: the disk is full or a file-size limit was "
+              f"reached; free space and run the same command again", file=sys.stderr)
         return 2
     return result if isinstance(result, int) else 0
 

@@ -44,6 +44,8 @@ renamed); `join_parts` writes the index file under a temporary name and renames 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -56,12 +58,21 @@ import numpy as np
 import torch
 
 from pipeline import __version__, atomic
-from pipeline.atomic import atomic_path
 from pipeline.errors import PipelineError
+from pipeline.progress import Progress
 from pipeline.views import VIEW_FIELDS
 
 FORMAT_VERSION = 2
 STR = h5py.string_dtype(encoding="utf-8")
+DIGEST = "S64"  # a sha256 in hex
+REQUIRED = ("prompts/text", "prompts/class", "prompts/embeddings", "anchors/embeddings", "anchors/class",
+            "shards/name", "shards/image_start", "shards/image_count", "images/key", "images/shard",
+            "images/position", "images/label", "views/image", "views/params", "checksums/images",
+            "checksums/params")
+
+
+def array_digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -195,6 +206,18 @@ def image_major(rows: np.ndarray, views_per_image: int) -> np.ndarray:
     return rows.reshape((views_per_image, n) + rows.shape[1:]).swapaxes(0, 1)
 
 
+def block_digests(rows: np.ndarray, views_per_image: int) -> list[str]:
+    """sha256 of each view block of view-major rows: block v is rows v*n ... (v+1)*n - 1."""
+    n = rows.shape[0] // views_per_image
+    return [hashlib.sha256(np.ascontiguousarray(rows[v * n:(v + 1) * n]).tobytes()).hexdigest()
+            for v in range(views_per_image)]
+
+
+def image_digest(positions: np.ndarray, labels: np.ndarray) -> str:
+    """sha256 of a shard's per-image rows (positions and labels, int32)."""
+    return hashlib.sha256(positions.astype(np.int32).tobytes() + labels.astype(np.int32).tobytes()).hexdigest()
+
+
 def write_part(out: Path, part: ShardPart, header: CacheHeader) -> None:
     """One shard's outputs to its own file, written under a temporary name and renamed.
 
@@ -204,7 +227,10 @@ def write_part(out: Path, part: ShardPart, header: CacheHeader) -> None:
     """
     path = part_path(out, part.shard)
     V = header.views_per_image
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    # Built in memory, then written as bytes: a full disk is then a plain failed write, which the
+    # atomic writer reports in one line, not an HDF5 library left with a half-flushed file.
+    image = io.BytesIO()
+    with h5py.File(image, "w") as f:
         f.attrs["shard"] = part.shard
         f.attrs["shard_digest"] = header.shard_digest
         f.attrs["views_per_image"] = V
@@ -221,6 +247,13 @@ def write_part(out: Path, part: ShardPart, header: CacheHeader) -> None:
             f["similarities"] = view_major(part.similarities.astype(np.float16), V)
         if part.embeddings is not None:
             f["embeddings"] = view_major(part.embeddings.astype(np.float16), V)
+        # Checksums of what the reader reads at once (one view block of one dataset), kept
+        # in the part and copied into the cache file by the join; every read checks them.
+        f.attrs["checksums"] = json.dumps({
+            "images": image_digest(part.positions, part.labels),
+            **{name: block_digests(f[name][:], V) for name in PER_VIEW if name in f},
+        })
+    atomic.write_bytes(path, image.getbuffer())
 
 
 def read_part(path: Path) -> ShardPart:
@@ -300,7 +333,8 @@ def join_parts(
                     shapes[name] = (f[name].shape[1:], f[name].dtype)
     total = int(sum(counts))
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+    image = io.BytesIO()  # in memory, then written as bytes (see write_part)
+    with h5py.File(image, "w") as f:
         f.attrs.update(header.to_attrs())
         g = f.create_group("prompts")
         g["text"] = np.array(list(prompts), dtype=object).astype(STR)
@@ -320,9 +354,20 @@ def join_parts(
         view_image = np.empty(total * V, dtype=np.int32)
         layouts = {name: h5py.VirtualLayout((total * V,) + shape, dtype)
                    for name, (shape, dtype) in shapes.items()}
+        sums = f.create_group("checksums")
+        sums.attrs["anchors"] = array_digest(anchors.astype(np.float32))
+        sums.create_dataset("images", (len(parts),), dtype=DIGEST)
+        for name in layouts:
+            sums.create_dataset(name, (len(parts), V), dtype=DIGEST)
+        progress = Progress(len(parts), "join", "part")
         for shard, (path, start, count) in enumerate(zip(parts, starts, counts, strict=True)):
+            progress.update()
             with h5py.File(path, "r") as part:
                 corrupt.extend(json.loads(part.attrs["corrupt"]))
+                recorded = json.loads(part.attrs["checksums"])
+                sums["images"][shard] = recorded["images"]
+                for name in layouts:
+                    sums[name][shard] = recorded[name]
                 image_rows = slice(int(start), int(start + count))
                 images["key"][image_rows] = part["keys"][:]
                 images["shard"][image_rows] = shard
@@ -340,6 +385,8 @@ def join_parts(
         for name, layout in layouts.items():
             fill = np.nan if np.issubdtype(layout.dtype, np.floating) else 0
             views.create_virtual_dataset(name, layout, fillvalue=fill)
+        progress.close()
+    atomic.write_bytes(out, image.getbuffer())
     return corrupt
 
 
@@ -382,12 +429,15 @@ class TeacherCache:
         try:
             with h5py.File(self.path, "r") as f:
                 self.header = CacheHeader.from_attrs(f.attrs, self.path)
-                self.shard_names = [s.decode() if isinstance(s, bytes) else s
-                                    for s in f["shards/name"][:]]
-                self.image_start = f["shards/image_start"][:]
-                self.image_count = f["shards/image_count"][:]
+                missing = [name for name in REQUIRED if name not in f]
+                if not missing:
+                    self.shard_names = [s.decode() if isinstance(s, bytes) else s for s in f["shards/name"][:]]
+                    self.image_start = f["shards/image_start"][:]
+                    self.image_count = f["shards/image_count"][:]
         except (OSError, KeyError) as err:
-            raise PipelineError(f"{self.path}: not a readable teacher cache ({err})") from None
+            raise PipelineError(f"{self.path}: not a readable teacher cache ({err}); re-run precompute") from None
+        if missing:
+            raise PipelineError(f"{self.path}: damaged, {', '.join(missing[:3])} missing; re-run precompute")
         self.part_files = self.view_sources()
         missing = [path for path in self.part_files if not path.is_file()]
         if missing:
@@ -504,7 +554,13 @@ class TeacherCache:
         return self.num_images * self.header.views_per_image
 
     def anchors(self) -> torch.Tensor:
-        return torch.from_numpy(self.file["anchors/embeddings"][:])
+        anchors = self.file["anchors/embeddings"][:]
+        if array_digest(anchors) != self.file["checksums"].attrs["anchors"]:
+            raise PipelineError(
+                f"{self.path}: anchors/embeddings do not match the checksum recorded when the cache was written "
+                f"(damaged bytes); re-run precompute"
+            )
+        return torch.from_numpy(anchors)
 
     def anchor_classes(self) -> torch.Tensor:
         return torch.from_numpy(self.file["anchors/class"][:].astype(np.int64))
@@ -539,12 +595,14 @@ class TeacherCache:
 
     def shard_targets(self, shard: int, view: int | None = None,
                       with_embeddings: bool = False) -> ShardTargets:
-        """A shard's rows, read in one contiguous slice per dataset.
+        """A shard's rows, read in one contiguous slice per dataset and checked against their checksums.
 
         With `view` (one view index for every image of the shard, as stage two replays
         them), only that view's rows are read; otherwise all V views of every image,
         shaped (n, V, ...). With `with_embeddings`, also the stored teacher image embeddings
-        (an error if there are none).
+        (an error if there are none). Data that does not match the checksums recorded when
+        the cache was written (flipped bytes, a part file from another run) is a one-line
+        error naming the shard.
         """
         if with_embeddings and not self.header.store_embeddings:
             raise PipelineError(
@@ -554,23 +612,50 @@ class TeacherCache:
         V = self.header.views_per_image
         if view is not None and not 0 <= view < V:
             raise ValueError(f"view {view}: the cache has {V} views per image")
-        rows = self.view_rows(shard, view)
+        views = range(V) if view is None else [view]
         f = self.file
-        params = f["views/params"][rows]
-        similarities = self.similarities(rows)
-        embeddings = f["views/embeddings"][rows].astype(np.float32) if with_embeddings else None
+        images = slice(start, start + count)
+        positions, labels = f["images/position"][images], f["images/label"][images]
+        self.check(shard, "images", None, image_digest(positions, labels))
+        params = self.read_views("params", shard, views)
+        if self.header.topk:
+            similarities = expand_topk(self.read_views("topk_index", shard, views),
+                                       self.read_views("topk_similarity", shard, views), self.header.num_anchors)
+        else:
+            similarities = self.read_views("similarities", shard, views).astype(np.float32)
+        embeddings = self.read_views("embeddings", shard, views).astype(np.float32) if with_embeddings else None
         if view is None:
             params, similarities = image_major(params, V), image_major(similarities, V)
             if embeddings is not None:
                 embeddings = image_major(embeddings, V)
-        images = slice(start, start + count)
-        return ShardTargets(
-            positions=f["images/position"][images],
-            labels=f["images/label"][images],
-            params=params,
-            similarities=similarities,
-            embeddings=embeddings,
-        )
+        return ShardTargets(positions=positions, labels=labels, params=params, similarities=similarities,
+                            embeddings=embeddings)
+
+    def read_views(self, name: str, shard: int, views: Sequence[int]) -> np.ndarray:
+        """The rows of dataset views/`name` for some view indices of a shard (contiguous when
+        they are), each view block checked against its checksum."""
+        first, last = self.view_rows(shard, views[0]), self.view_rows(shard, views[-1])
+        try:
+            rows = self.file[f"views/{name}"][first.start:last.stop]
+        except (OSError, KeyError) as err:
+            raise PipelineError(f"{self.path}: shard {shard} ({self.shard_names[shard]}) unreadable "
+                                f"({err}); check it with `python -m pipeline verify {self.path}`") from None
+        count = int(self.image_count[shard])
+        for i, view in enumerate(views):
+            self.check(shard, name, view, array_digest(rows[i * count:(i + 1) * count]))
+        return rows
+
+    def check(self, shard: int, name: str, view: int | None, digest: str) -> None:
+        """Refuse data whose sha256 is not the one recorded for it when the cache was written."""
+        sums = self.file[f"checksums/{name}"]
+        recorded = sums[shard] if view is None else sums[shard, view]
+        if recorded.decode() != digest:
+            where = f"view {view} of " if view is not None else ""
+            raise PipelineError(
+                f"{self.path}: {name} of {where}shard {shard} ({self.shard_names[shard]}) do not match the checksum "
+                f"recorded when the cache was written (damaged bytes, or a part file from another run); "
+                f"`python -m pipeline verify {self.path}` lists the bad shards"
+            )
 
     def similarities(self, rows: slice | np.ndarray) -> np.ndarray:
         """Full float32 similarities of view rows (top-k expanded)."""

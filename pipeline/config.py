@@ -26,9 +26,28 @@ from pipeline.errors import PipelineError
 DEFAULT_PARAMS = Path("params.yaml")
 
 
-def opt(help: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A config field: its help text (shown by `--help`) and, optionally, its allowed values."""
-    return field(metadata={"help": help, "choices": choices})
+def opt(help: str, choices: tuple[str, ...] | None = None, low: float = 0, high: float | None = None,
+        open_low: bool = False, open_high: bool = False) -> Any:
+    """A config field: its help text (shown by `--help`), optionally its allowed values, and for
+    numbers (and each number of a tuple) the range [low, high] (`open_low`/`open_high`: bound
+    excluded). Every number is at least 0 unless `low` says otherwise."""
+    return field(metadata={"help": help, "choices": choices, "range": (low, high, open_low, open_high)})
+
+
+def check_range(f: dataclasses.Field, value: Any, where: str) -> None:
+    """A number (or each number of a tuple) outside the field's range: a one-line PipelineError."""
+    low, high, open_low, open_high = f.metadata.get("range", (0, None, False, False))
+    numbers = value if isinstance(value, tuple) else (value,)
+    for number in numbers:
+        if not isinstance(number, (int, float)) or isinstance(number, bool):
+            continue
+        too_low = number <= low if open_low else number < low
+        too_high = high is not None and (number >= high if open_high else number > high)
+        if too_low or too_high or number != number:  # NaN is out of every range
+            bounds = f"{'>' if open_low else '>='} {low:g}"
+            if high is not None:
+                bounds += f" and {'<' if open_high else '<='} {high:g}"
+            raise PipelineError(f"{where}: {number!r} is out of range; it must be {bounds}")
 
 
 def field_help(f: dataclasses.Field) -> str:
@@ -69,12 +88,12 @@ class ShardsConfig:
     out: str = opt("output directory for train-*.tar, val-*.tar, classes.json, manifest.json")
     root: str = opt("folder source: image folder <root>/<class>/<image>")
     val_root: str = opt("folder source: separate validation folder (empty: split --val-fraction)")
-    val_fraction: float = opt("folder source: share of each class held out for val")
-    max_per_shard: int = opt("samples per shard")
-    train: int = opt("demo source: training images")
-    val: int = opt("demo source: validation images")
+    val_fraction: float = opt("folder source: share of each class held out for val", high=1, open_high=True)
+    max_per_shard: int = opt("samples per shard", low=1)
+    train: int = opt("demo source: training images", low=1)
+    val: int = opt("demo source: validation images", low=1)
     seed: int = opt("demo source: seed of the demo world")
-    image_size: int = opt("demo source: image side in pixels")
+    image_size: int = opt("demo source: image side in pixels", low=8)
     workers: int = opt("processes that render/encode images")
 
 
@@ -84,13 +103,15 @@ class DemoTeacherConfig:
     config: str = opt("JSON open_clip model config of the teacher; weights are written beside it")
     out: str = opt("weights file to write (.safetensors)")
     init: str = opt("weights to start from (empty: random initialisation)")
-    steps: int = opt("training steps")
-    batch_size: int = opt("image-caption pairs per step")
-    lr: float = opt("peak learning rate (AdamW, cosine with warm-up)")
+    steps: int = opt("training steps", low=1)
+    batch_size: int = opt("image-caption pairs per step", low=2)
+    lr: float = opt("peak learning rate (AdamW, cosine with warm-up)", open_low=True)
     warmup_steps: int = opt("linear warm-up steps")
     weight_decay: float = opt("AdamW weight decay")
-    crop_scale: tuple[float, float] = opt("random resized crop of every training image: area range")
-    crop_ratio: tuple[float, float] = opt("random resized crop of every training image: aspect ratio range")
+    crop_scale: tuple[float, float] = opt("random resized crop of every training image: area range",
+                                          high=1, open_low=True)
+    crop_ratio: tuple[float, float] = opt("random resized crop of every training image: aspect ratio range",
+                                          open_low=True)
     seed: int = opt("seed of the training stream (distinct from the shards' seed)")
     workers: int = opt("DataLoader workers rendering training images")
     threads: int = opt("torch CPU threads (0: torch's default)")
@@ -102,14 +123,14 @@ class DemoTeacherConfig:
 class PrecomputeConfig:
     shards: str = opt("shard directory (reads its train-*.tar)")
     out: str = opt("HDF5 cache file to write")
-    views: int = opt("augmented views per training image")
-    crop_scale: tuple[float, float] = opt("random resized crop: area range as fractions")
-    crop_ratio: tuple[float, float] = opt("random resized crop: aspect-ratio range")
+    views: int = opt("augmented views per training image", low=1)
+    crop_scale: tuple[float, float] = opt("random resized crop: area range as fractions", high=1, open_low=True)
+    crop_ratio: tuple[float, float] = opt("random resized crop: aspect-ratio range", open_low=True)
     flip: bool = opt("random horizontal flip")
     seed: int = opt("seed of the view parameters")
     topk: int = opt("0: store all anchor similarities; k>0: store only the top-k")
     store_embeddings: bool = opt("also store the teacher image embedding of every view")
-    batch_size: int = opt("views per teacher forward")
+    batch_size: int = opt("views per teacher forward", low=1)
     workers: int = opt(WORKERS_HELP)
     device: str = opt("auto, cpu or cuda")
     precision: str = opt("teacher precision: bf16 autocast on GPU and on CPUs with native bf16, or fp32",
@@ -127,21 +148,21 @@ class TrainConfig:
     cache: str = opt("teacher cache (HDF5) written by precompute: views and targets")
     arch: str = opt("torchvision classification model name")
     head: str = opt("projection head", choices=("linear", "mlp"))
-    head_hidden: int = opt("hidden width of the mlp head")
-    image_size: int = opt("student input resolution")
-    epochs: int = opt("training epochs")
-    batch_size: int = opt("images per step")
+    head_hidden: int = opt("hidden width of the mlp head", low=1)
+    image_size: int = opt("student input resolution", low=8)
+    epochs: int = opt("training epochs", low=1)
+    batch_size: int = opt("images per step", low=2)
     optimizer: str = opt("optimiser", choices=("adamw", "sgd"))
-    lr: float = opt("peak learning rate")
+    lr: float = opt("peak learning rate", open_low=True)
     weight_decay: float = opt("weight decay")
-    momentum: float = opt("SGD momentum")
+    momentum: float = opt("SGD momentum", high=1, open_high=True)
     warmup_epochs: float = opt("linear warm-up length in epochs before the cosine decay")
     seed: int = opt("seed of initialisation, view choice and batch order")
     workers: int = opt(WORKERS_HELP)
     prefetch: int = opt("batches each DataLoader worker keeps ready in shared memory (the budget is logged "
-                        "at start: workers x prefetch x batch)")
+                        "at start: workers x prefetch x batch)", low=1)
     mix_shards: int = opt("shards each worker reads at a time and shuffles together: batches mix their "
-                          "images; a worker holds their encoded bytes in memory")
+                          "images; a worker holds their encoded bytes in memory", low=1)
     device: str = opt("auto, cpu or cuda")
     precision: str = opt("bf16: autocast on GPU and on CPUs with native bf16 (AMX: ResNet-18 at 64 px trains "
                          "1.8x faster here); fp32: full precision everywhere", choices=("bf16", "fp32"))
@@ -152,8 +173,8 @@ class TrainConfig:
 class DistillConfig:
     out: str = opt("student checkpoint to write")
     run_dir: str = opt("directory for resumable training checkpoints")
-    tau_teacher: float = opt("teacher temperature: p_T = softmax(s_T / tau_teacher)")
-    tau_student: float = opt("student temperature: p_S = softmax(cos(z_S, a) / tau_student)")
+    tau_teacher: float = opt("teacher temperature: p_T = softmax(s_T / tau_teacher)", open_low=True)
+    tau_student: float = opt("student temperature: p_S = softmax(cos(z_S, a) / tau_student)", open_low=True)
     loss: str = opt("csm: KL over the anchors; embedding: 1 - cos(student, teacher image embedding), "
                     "needs a cache made with --store-embeddings; both: their sum",
                     choices=("csm", "embedding", "both"))
@@ -183,8 +204,9 @@ class ProbeConfig:
     out: str = opt("metrics JSON file to write")
     plots: str = opt("directory for probe.png and distill.png")
     distill_csv: str = opt("per-epoch CSV of distill, drawn as a curve")
-    holdout_fraction: float = opt("share of train held out to choose the regularisation")
-    batch_size: int = opt("images per feature-extraction batch")
+    holdout_fraction: float = opt("share of train held out to choose the regularisation", high=1, open_low=True,
+                                  open_high=True)
+    batch_size: int = opt("images per feature-extraction batch", low=1)
     workers: int = opt(WORKERS_HELP)
     device: str = opt("auto, cpu or cuda")
     seed: int = opt("seed of the hold-out split")
@@ -196,11 +218,11 @@ class ProbeConfig:
 @dataclass(frozen=True)
 class BenchConfig:
     random_teacher: bool = opt("allow a teacher model without weights (speed only, e.g. ViT-B-32)")
-    steps: int = opt("timed steps per measurement (after warm-up)")
+    steps: int = opt("timed steps per measurement (after warm-up)", low=1)
     warmup_steps: int = opt("untimed steps before each measurement")
-    topk: int = opt("k of the top-k cache size measurement")
-    views: int = opt("views per image in the precompute measurement")
-    precompute_shards: int = opt("train shards that the precompute measurement runs over")
+    topk: int = opt("k of the top-k cache size measurement", low=1)
+    views: int = opt("views per image in the precompute measurement", low=1)
+    precompute_shards: int = opt("train shards that the precompute measurement runs over", low=1)
     measure_rss: bool = opt("measure peak RSS with the cache at 1x and 8x (two extra short runs)")
     json: str = opt("JSON file to write (empty: none)")
     train: TrainConfig = opt("the training settings measured (shards, cache, student, resolution, batch, "
@@ -307,6 +329,7 @@ def load_section(cls: type, params: dict[str, Any], section: str, source: str) -
             raise PipelineError(f"{where} is missing; add it to the '{section}' section")
         values[f.name] = coerce(raw[f.name], tp, where)
         check_choice(f, values[f.name], where)
+        check_range(f, values[f.name], where)
     return cls(**values)
 
 
@@ -339,6 +362,7 @@ def override(config: Any, changes: dict[str, Any]) -> Any:
         else:
             direct[head] = coerce(value, tp, f"option --{head.replace('_', '-')}")
             check_choice(f, direct[head], f"option --{head.replace('_', '-')}")
+            check_range(f, direct[head], f"option --{head.replace('_', '-')}")
     for head, sub in nested.items():
         direct[head] = override(getattr(config, head), sub)
     return dataclasses.replace(config, **direct)

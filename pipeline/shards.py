@@ -32,6 +32,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from pipeline.atomic import commit, temporary_path
 from pipeline.atomic import write_text as atomic_write_text
 from pipeline.errors import PipelineError
+from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +143,19 @@ def shard_list_digest(shards: Sequence[Path]) -> str:
     for directory in {shard.parent for shard in shards}:
         for name, row in manifest_rows(directory).items():
             known[str(directory / name)] = (row["bytes"], row["sha256"])
+    sizes = {shard: shard.stat().st_size for shard in shards}
+    unlisted = [s for s in shards if known.get(str(s), (None,))[0] != sizes[s]]
+    progress = Progress(sum(sizes[s] for s in unlisted) // 2**20, "hashing shards", "MiB") if unlisted else None
     digest = hashlib.sha256()
     for shard in shards:
-        size = shard.stat().st_size
-        listed = known.get(str(shard))
-        sha = listed[1] if listed is not None and listed[0] == size else sha256_file(shard)
-        digest.update(f"{shard.name}\0{size}\0{sha}\n".encode())
+        if shard in unlisted:
+            sha = sha256_file(shard)
+            progress.update(sizes[shard] // 2**20)
+        else:
+            sha = known[str(shard)][1]
+        digest.update(f"{shard.name}\0{sizes[shard]}\0{sha}\n".encode())
+    if progress is not None:
+        progress.close()
     return digest.hexdigest()
 
 
@@ -173,8 +181,8 @@ class ShardWriterState:
     _count: int = 0
 
     def write(self, record: ShardRecord) -> None:
-        if "." in record.key:
-            raise ValueError(f"shard keys must not contain dots: {record.key}")
+        if "." in record.key or record.key.startswith("/") or "\\" in record.key:
+            raise ValueError(f"shard keys must be relative, without dots or backslashes: {record.key}")
         if self._writer is None or self._count >= self.max_per_shard:
             self._close()
             self._open()
@@ -242,16 +250,50 @@ def decode_rgb(data: bytes) -> torch.Tensor:
         except RuntimeError:
             pass  # PIL decodes it or raises the error that marks the sample corrupt
     with Image.open(io.BytesIO(data)) as image:
-        array = np.array(image.convert("RGB"))
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        array = np.asarray(to_rgb(image))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: 16- and 32-bit greyscale scaled (not clipped) to 8 bits,
+    transparency (RGBA, LA, palette with a transparent colour) composited over white, CMYK and
+    palette converted. Pillow refuses decompression bombs (DecompressionBombError) on open."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        grey = np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if image.mode == "F":
+        return Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def iter_raw(path: Path) -> Iterator[dict[str, Any]]:
-    """The undecoded samples of one shard in file order (dicts of bytes by extension)."""
+    """The undecoded samples of one shard in file order (dicts of bytes by extension).
+
+    A damaged shard gives the samples before the damage: a zero-byte or truncated file, or a
+    member cut short, ends the shard there with a warning (every pass reads the same samples,
+    so stage one and stage two agree). A file that is not a tar at all is an error.
+    """
+    if path.is_file() and path.stat().st_size == 0:
+        log.warning("%s: empty (zero bytes): no samples; re-create it", path)
+        return
+    count = 0
     try:
-        yield from wds.tariterators.tarfile_samples([{"url": str(path)}])
-    except (tarfile.TarError, OSError, ValueError) as err:
-        raise PipelineError(f"{path}: unreadable shard ({err}); re-create it") from None
+        for sample in wds.tariterators.tarfile_samples([{"url": str(path)}]):
+            count += 1
+            yield sample
+    except (tarfile.TarError, OSError, ValueError, EOFError) as err:
+        if count == 0 and not isinstance(err, EOFError) and "truncated" not in str(err).lower():
+            raise PipelineError(f"{path}: unreadable shard ({err}); re-create it") from None
+        log.warning("%s: damaged after %d samples (%s): the rest of the shard is skipped; re-create it",
+                    path, count, str(err).splitlines()[0] if str(err) else type(err).__name__)
 
 
 def decode_sample(raw: dict[str, Any], shard: int, position: int) -> Sample:

@@ -9,6 +9,8 @@ and std) lives inside the module, so a checkpoint is self-contained: it takes im
 
 from __future__ import annotations
 
+import io
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from pipeline.atomic import atomic_path
+from pipeline.atomic import write_bytes
 from pipeline.errors import PipelineError
 from pipeline.views import normalize_pixels
 
@@ -89,8 +91,10 @@ def build_student(spec: dict[str, Any]) -> Student:
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """torch.save under a temporary name, then an atomic rename: never a half-written file."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    # serialised in memory, then written as bytes: a full disk is a plain failed write (one line)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_bytes(path, buffer.getbuffer())
 
 
 def load_student(path: str | Path) -> tuple[Student, dict[str, Any]]:
@@ -102,6 +106,8 @@ def load_student(path: str | Path) -> tuple[Student, dict[str, Any]]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         model = build_student(checkpoint["model"])
         model.load_state_dict(checkpoint["state_dict"])
-    except (KeyError, RuntimeError, OSError) as err:
-        raise PipelineError(f"{path}: not a student checkpoint ({str(err).splitlines()[0]})") from None
+    except (KeyError, RuntimeError, OSError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as err:
+        # weights_only=True: a pickle that would run code is refused here, never executed
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise PipelineError(f"{path}: not a student checkpoint ({reason})") from None
     return model.eval(), checkpoint

@@ -10,11 +10,13 @@ steps); rerunning the same command resumes and, on CPU, ends with the same weigh
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import json
 import logging
 import math
+import pickle
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 from pipeline import distributed
-from pipeline.atomic import atomic_path, write_json
+from pipeline.atomic import OutputLock, atomic_path, write_json
 from pipeline.cache import ShardTargets, TeacherCache
 from pipeline.config import TrainConfig, to_dict, write_resolved
 from pipeline.errors import PipelineError
@@ -143,8 +145,14 @@ class RunState:
     def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bool:
         if not self.path.is_file():
             return False
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
-        if state["fingerprint"] != self.fingerprint:
+        try:  # weights_only=True: a pickle that would run code is refused, never executed
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            fingerprint = state["fingerprint"]
+        except (KeyError, RuntimeError, OSError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as err:
+            reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            raise PipelineError(f"{self.path}: not a checkpoint of this run ({reason}); delete it to start over") \
+                from None
+        if fingerprint != self.fingerprint:
             log.warning("%s: written with other settings; starting over", self.path)
             return False
         model.load_state_dict(state["model"])
@@ -200,6 +208,16 @@ def train(
     fingerprint = json.dumps({"train": to_dict(config), "objective": objective.name,
                               "model": objective.model_spec, "cache": cache.header.to_attrs(),
                               "processes": process.world, **extra_fingerprint}, sort_keys=True)
+    with OutputLock(run_dir) if process.main else contextlib.nullcontext():
+        return train_locked(config, objective, cache, shards, run_dir, model, optimizer, fingerprint, process,
+                            device, steps_per_epoch, total_steps, warmup_steps)
+
+
+def train_locked(config: TrainConfig, objective: Objective, cache: TeacherCache, shards: list[Path], run_dir: Path,
+                 model: Student, optimizer: torch.optim.Optimizer, fingerprint: str, process: distributed.Process,
+                 device: torch.device, steps_per_epoch: int, total_steps: int,
+                 warmup_steps: int) -> tuple[Student, list[dict[str, float]]]:
+    """The epochs of `train`, while this process holds the run directory's lock."""
     state = RunState(run_dir / "last.pt", fingerprint)
     if state.load(model, optimizer):
         log.info("resuming %s at epoch %d, step %d", objective.name, state.epoch + 1,

@@ -46,7 +46,8 @@ def main() -> int:
         took = time.perf_counter() - stage_started
         if took > 0.5 * STAGE_SECONDS.get(stage, 0) > 0:  # it ran (a skipped stage takes a second or two)
             expected_done += STAGE_SECONDS[stage]
-            pace = max(0.2, (time.perf_counter() - started) / expected_done)
+            # damped: one short stage that ran slow (or fast) does not swing the estimate
+            pace = max(0.2, (time.perf_counter() - started + 60) / (expected_done + 60))
         print(f"== demo {number}/{len(stages)}: {stage} done in {clock(took)} ==", flush=True)
     print(f"== demo: all stages done in {clock(time.perf_counter() - started)} ==", flush=True)
     return subprocess.run([sys.executable, "-m", "pipeline", "report"], cwd=ROOT).returncode

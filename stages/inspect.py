@@ -11,7 +11,23 @@ import torch
 
 from pipeline.cache import TeacherCache
 
-SAMPLE_VIEWS = 20_000  # the distribution summary reads at most this many views, evenly spaced
+SAMPLE_VIEWS = 20_000  # the distribution summary reads at most this many views
+
+
+def sample_views(reader: TeacherCache) -> tuple[torch.Tensor, np.ndarray]:
+    """Similarities and labels of up to SAMPLE_VIEWS views: one view block per shard (view
+    index shard mod V), shards spread over the whole cache, each block checked against its
+    checksum as stage two reads it."""
+    V = reader.header.views_per_image
+    shards = [s for s in range(len(reader.shard_names)) if reader.image_count[s]]
+    per_shard = max(1.0, float(np.mean([reader.image_count[s] for s in shards]))) if shards else 1.0
+    take = max(1, min(len(shards), int(SAMPLE_VIEWS // per_shard)))
+    chosen = [shards[int(i)] for i in np.unique(np.linspace(0, len(shards) - 1, take).astype(int))] if shards else []
+    blocks = [reader.shard_targets(s, s % V) for s in chosen]
+    if not blocks:
+        return torch.empty(0, reader.header.num_anchors), np.empty(0, np.int32)
+    similarities = torch.from_numpy(np.concatenate([b.similarities for b in blocks]))
+    return similarities, np.concatenate([b.labels for b in blocks])
 
 
 def summary(path: str | Path, tau_teacher: float) -> dict[str, Any]:
@@ -19,18 +35,16 @@ def summary(path: str | Path, tau_teacher: float) -> dict[str, Any]:
     reader = TeacherCache(path)
     header = reader.header
     views = reader.num_images * header.views_per_image
-    rows = np.unique(np.linspace(0, max(0, views - 1), num=min(views, SAMPLE_VIEWS)).astype(np.int64))
-    similarities = torch.from_numpy(reader.similarities(rows)) if views else torch.empty(0, 1)
+    similarities, labels = sample_views(reader)
     p = torch.softmax(similarities / tau_teacher, dim=-1)
     entropy = -(torch.special.xlogy(p, p)).sum(-1)
-    labels = reader.labels()
     anchor_classes = reader.anchor_classes()
-    image_of_row = reader.view_images(rows) if views else np.empty(0, np.int64)
-    argmax_class = anchor_classes[similarities.argmax(-1)].numpy() if views else np.empty(0)
-    labelled = labels[image_of_row] >= 0
+    argmax_class = anchor_classes[similarities.argmax(-1)].numpy() if len(labels) else np.empty(0)
+    labelled = labels >= 0
     result = {
         "file": str(path),
         "bytes": reader.stored_bytes(),
+        "sampled_views": int(len(labels)),
         "header": header.to_attrs(),
         "shards": len(reader.shard_names),
         "images": reader.num_images,
@@ -41,7 +55,7 @@ def summary(path: str | Path, tau_teacher: float) -> dict[str, Any]:
         "mean_max_probability": float(p.max(-1).values.mean()) if views else math.nan,
         "mean_entropy": float(entropy.mean()) if views else math.nan,
         "max_entropy": math.log(header.num_anchors),
-        "teacher_label_agreement": float((argmax_class[labelled] == labels[image_of_row][labelled]).mean())
+        "teacher_label_agreement": float((argmax_class[labelled] == labels[labelled]).mean())
         if labelled.any() else math.nan,
         "example_prompts": reader.prompts()[:3],
     }

@@ -10,6 +10,7 @@ parts (`pipeline.cache`: they stay as the storage of the views).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from pipeline import cache, distributed
-from pipeline.atomic import write_json
+from pipeline.atomic import OutputLock, write_json
 from pipeline.config import PrecomputeConfig, write_resolved
 from pipeline.errors import PipelineError
 from pipeline.progress import Progress
@@ -78,7 +79,8 @@ def run(config: PrecomputeConfig, allow_random_teacher: bool = False) -> dict[st
     check_options(config)
     process = distributed.start()
     try:
-        return run_process(config, process, allow_random_teacher)
+        with OutputLock(config.out) if process.main else contextlib.nullcontext():
+            return run_process(config, process, allow_random_teacher)
     finally:
         distributed.stop()
 

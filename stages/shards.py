@@ -28,6 +28,7 @@ from pipeline.shards import (
     ShardWriterState,
     atomic_write_text,
     remove_old_shards,
+    to_rgb,
     write_classes,
 )
 
@@ -169,10 +170,10 @@ def folder_record(job: tuple[str, str, int]) -> ShardRecord | dict[str, str]:
         data = Path(path).read_bytes()
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            if image.format == "JPEG":
-                return ShardRecord(key, data, label)
+            if image.format == "JPEG" and image.mode in ("RGB", "L"):
+                return ShardRecord(key, data, label)  # kept byte for byte (CMYK JPEGs are re-encoded as RGB)
             buffer = io.BytesIO()
-            image.convert("RGB").save(buffer, format="JPEG", quality=REENCODE_QUALITY)
+            to_rgb(image).save(buffer, format="JPEG", quality=REENCODE_QUALITY)
             return ShardRecord(key, buffer.getvalue(), label)
     except Exception as err:  # any failure to read or decode makes it a skipped file
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__

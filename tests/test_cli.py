@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import ROOT
 
 COMMANDS = ["shards", "demo-teacher", "precompute", "distill", "supervised", "probe", "bench",
-            "inspect", "report"]
+            "inspect", "verify", "report"]
 
 
 def cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
