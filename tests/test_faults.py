@@ -342,3 +342,22 @@ def test_a_full_disk_at_a_checkpoint_keeps_nothing_partial_and_a_rerun_ends_the_
     a = torch.load(tmp_path / "full" / "student.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "clean" / "student.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_full_disk_during_the_join_is_one_line_and_a_rerun_only_joins(demo_shards, tiny_teacher, tmp_path):
+    config, weights = tiny_teacher
+    out = tmp_path / "cache" / "teacher.h5"
+    args = [sys.executable, "-m", "pipeline", "precompute", "--shards", str(demo_shards), "--out", str(out),
+            "--metrics", str(tmp_path / "cache" / "precompute.json"), "--teacher-config", str(config),
+            "--teacher-checkpoint", str(weights), "--workers", "0", "--views", "1", "--batch-size", "64"]
+    # parts of 32 images x 1 view are ~8 KB; the cache file (prompts, anchors, checksums) is larger
+    full = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          preexec_fn=file_size_limit(14_000))
+    line = error_line(full)
+    assert line.startswith(f"error: {out}: could not be written (") and "disk is full" in line
+    assert not out.exists() and len(list(cache.parts_dir(out).glob("part-*.h5"))) == 3
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "3 of 3 shards already done" in again.stderr, again.stderr
+    clean = tmp_path / "clean" / "teacher.h5"
+    precompute.run(precompute_config(demo_shards, clean, tiny_teacher, views=1))
+    assert_same_file(clean, out)
