@@ -94,6 +94,8 @@ class ShardsConfig:
     val: int = opt("demo source: validation images", low=1)
     seed: int = opt("demo source: seed of the demo world")
     image_size: int = opt("demo source: image side in pixels", low=8)
+    caption_noise: float = opt("demo source: share of train captions replaced by another image's caption "
+                               "(web-like noise, seeded)", high=1)
     workers: int = opt("processes that render/encode images")
 
 
@@ -113,6 +115,8 @@ class DemoTeacherConfig:
     crop_ratio: tuple[float, float] = opt("random resized crop of every training image: aspect ratio range",
                                           open_low=True)
     seed: int = opt("seed of the training stream (distinct from the shards' seed)")
+    caption_noise: float = opt("share of the training captions replaced by another image's caption "
+                               "(web-like noise, seeded; demo_world.noisy_caption)", high=1)
     workers: int = opt("DataLoader workers rendering training images")
     threads: int = opt("torch CPU threads (0: torch's default)")
     eval_every: int = opt("measure zero-shot accuracy on the val shards every N steps (0: at the end)")

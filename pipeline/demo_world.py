@@ -323,9 +323,35 @@ def make_image(seed: int, split: str, index: int, side: int = 64) -> tuple[np.nd
     return render(attributes, side, rng), attributes
 
 
-def make_sample(seed: int, split: str, index: int, side: int = 64) -> DemoSample:
-    """Image `index` of `split` as a shard sample: key, JPEG bytes, attributes and caption."""
+NOISE_CODE = 77  # keeps the caption-noise draws apart from the image's own random stream
+
+
+def caption_of(seed: int, split: str, index: int) -> str:
+    """The caption image `index` of `split` states (without rendering the image)."""
+    rng = sample_rng(seed, split, index)
+    return sample_attributes(int(rng.integers(len(demo_classes()))), rng).caption
+
+
+def noisy_caption(seed: int, split: str, index: int, count: int, noise: float, caption: str) -> str:
+    """Web-like caption noise: with probability `noise` (a seeded draw per image), the caption
+    of another image of the split (one of `count`) replaces the image's own `caption`."""
+    if noise <= 0 or count < 2:
+        return caption
+    rng = np.random.default_rng([seed, SPLIT_CODES[split], index, NOISE_CODE])
+    if rng.random() >= noise:
+        return caption
+    other = int(rng.integers(count - 1))
+    return caption_of(seed, split, other + (other >= index))
+
+
+def make_sample(seed: int, split: str, index: int, side: int = 64, caption_noise: float = 0.0,
+                count: int = 0) -> DemoSample:
+    """Image `index` of `split` (one of `count`) as a shard sample: key, JPEG bytes, attributes
+    and caption; `caption_noise` of the train split's captions belong to another image."""
     pixels, attributes = make_image(seed, split, index, side)
+    if split == "train" and caption_noise > 0:
+        caption = noisy_caption(seed, split, index, count, caption_noise, attributes.caption)
+        attributes = DemoAttributes(**{**asdict(attributes), "caption": caption})
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return DemoSample(f"demo_{split}_{index:07d}", buffer.getvalue(), attributes)

@@ -68,3 +68,42 @@ def caption_contrastive_loss(
     text_loss = -(targets * F.log_softmax(logits.T, dim=-1)).sum(-1).mean()
     loss = (image_loss + text_loss) / 2
     return {"loss": loss, "contrastive": loss.detach()}
+
+
+def psd_targets(logits: torch.Tensor, alpha: float, rho: float, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft targets of progressive self-distillation (PSD), a reconstruction.
+
+    Andonian et al. (CVPR 2022) distil the model's own knowledge into soft image-text
+    alignment targets for a subset of every minibatch; their exact formula is not public to
+    us. This reconstruction: a random subset of rows (each row with probability `rho`) gets
+    (1 - alpha) * identity + alpha * softmax(logits) (the model's own distribution, no
+    gradient), the other rows the one-hot identity. Returns the targets (B, B) of the
+    image-to-text direction and of the text-to-image direction (from the transposed logits).
+    """
+    batch = logits.shape[0]
+    identity = torch.eye(batch, device=logits.device, dtype=torch.float32)
+    chosen = (torch.rand(batch, generator=generator) < rho).to(logits.device)[:, None]
+    own = logits.detach().float()
+    image_to_text = torch.where(chosen, (1 - alpha) * identity + alpha * own.softmax(-1), identity)
+    text_to_image = torch.where(chosen, (1 - alpha) * identity + alpha * own.T.softmax(-1), identity)
+    return image_to_text, text_to_image
+
+
+def psd_loss(
+    image_embeddings: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    logit_scale: torch.Tensor,
+    alpha: float,
+    rho: float,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """CLIP's symmetric contrastive loss against PSD's soft targets (`psd_targets`, a
+    reconstruction). With alpha = 0 (or rho = 0) it is exactly CLIP's InfoNCE loss.
+    Embeddings are unit norm; logits = exp(logit_scale) * cos."""
+    logits = logit_scale.exp() * image_embeddings @ text_embeddings.T
+    image_to_text, text_to_image = psd_targets(logits, alpha, rho, generator)
+    image_loss = -(image_to_text * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+    text_loss = -(text_to_image * F.log_softmax(logits.T, dim=-1)).sum(-1).mean()
+    loss = (image_loss + text_loss) / 2
+    return {"loss": loss, "contrastive": loss.detach()}

@@ -45,9 +45,11 @@ class CaptionStream(Dataset):
     """Item i: a freshly rendered demo image (random resized crop) and its tokenised caption."""
 
     def __init__(self, seed: int, length: int, side: int, tokenizer: Any,
-                 crop_scale: tuple[float, float], crop_ratio: tuple[float, float]) -> None:
+                 crop_scale: tuple[float, float], crop_ratio: tuple[float, float], caption_noise: float = 0.0,
+                 images: int = 0) -> None:
         self.seed, self.length, self.side, self.tokenizer = seed, length, side, tokenizer
         self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
+        self.caption_noise, self.images = caption_noise, images or length
 
     def __len__(self) -> int:
         return self.length
@@ -58,8 +60,10 @@ class CaptionStream(Dataset):
         rng = np.random.default_rng([self.seed, 7, index])
         params = sample_view_params(rng, 1, self.side, self.side, self.crop_scale, self.crop_ratio, False)
         view = apply_view(image, params[0], self.side)
-        tokens = self.tokenizer([attributes.caption])[0]
-        caption_id = int(hashlib.sha1(attributes.caption.encode()).hexdigest()[:15], 16)
+        caption = demo_world.noisy_caption(self.seed, "train", index, self.images, self.caption_noise,
+                                           attributes.caption)
+        tokens = self.tokenizer([caption])[0]
+        caption_id = int(hashlib.sha1(caption.encode()).hexdigest()[:15], 16)
         return view, tokens, caption_id
 
 
@@ -127,7 +131,7 @@ def run(config: DemoTeacherConfig) -> dict[str, Any]:
         log.info("resuming demo-teacher training at step %d", step)
 
     stream = CaptionStream(config.seed, config.steps * config.batch_size, side, tokenizer, config.crop_scale,
-                           config.crop_ratio)
+                           config.crop_ratio, config.caption_noise)
     sampler = range(step * config.batch_size, config.steps * config.batch_size)
     loader = DataLoader(stream, batch_size=config.batch_size, sampler=sampler,
                         num_workers=config.workers, drop_last=True)

@@ -90,9 +90,9 @@ def parallel_map(function: Callable, items: Sequence, workers: int, desc: str) -
 # --------------------------------------------------------------------------- demo source
 
 
-def demo_record(job: tuple[int, str, int, int]) -> ShardRecord:
-    seed, split, index, side = job
-    sample = demo_world.make_sample(seed, split, index, side)
+def demo_record(job: tuple[int, str, int, int, float, int]) -> ShardRecord:
+    seed, split, index, side, caption_noise, count = job
+    sample = demo_world.make_sample(seed, split, index, side, caption_noise, count)
     attributes = asdict(sample.attributes)
     return ShardRecord(sample.key, sample.jpeg, sample.attributes.label,
                        sample.attributes.caption, attributes)
@@ -109,7 +109,7 @@ def write_demo(config: ShardsConfig, out: Path) -> dict[str, Any]:
                         for c in demo_world.demo_classes()])
     splits = {}
     for split, count in (("train", config.train), ("val", config.val)):
-        jobs = [(config.seed, split, i, config.image_size) for i in range(count)]
+        jobs = [(config.seed, split, i, config.image_size, config.caption_noise, count) for i in range(count)]
         records = parallel_map(demo_record, jobs, config.workers, f"demo {split}")
         splits[split] = write_split(out, split, records, config.max_per_shard)
     return {"source": "demo", "seed": config.seed, "image_size": config.image_size,

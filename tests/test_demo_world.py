@@ -75,3 +75,20 @@ def test_shape_is_drawn_in_its_colour():
     inside = pixels[mask].astype(float).mean(0)
     target = np.asarray(demo_world.COLOURS[attributes.colour], dtype=float)
     assert np.abs(inside - target).max() < 60
+
+
+def test_caption_noise_swaps_a_seeded_share_of_train_captions_for_other_images():
+    from pipeline.demo_world import caption_of, make_sample
+
+    count, noise = 400, 0.3
+    own = [caption_of(0, "train", i) for i in range(count)]
+    noisy = [make_sample(0, "train", i, 16, caption_noise=noise, count=count).attributes.caption for i in range(count)]
+    swapped = [i for i in range(count) if noisy[i] != own[i]]
+    assert 0.2 * count < len(swapped) < 0.4 * count  # about 30%, some swaps land on an identical caption
+    assert all(noisy[i] in own for i in swapped)  # another image's caption, not a made-up one
+    again = [make_sample(0, "train", i, 16, caption_noise=noise, count=count).attributes.caption for i in range(count)]
+    assert again == noisy  # seeded: the same world every time
+    assert [make_sample(0, "val", i, 16, caption_noise=noise, count=count).attributes.caption
+            for i in range(20)] == [caption_of(0, "val", i) for i in range(20)]  # val stays clean
+    clean = make_sample(0, "train", 5, 16)
+    assert clean.attributes.caption == own[5] and clean.jpeg == make_sample(0, "train", 5, 16, 0.3, count).jpeg
