@@ -60,6 +60,7 @@ import torch
 from pipeline import __version__, atomic
 from pipeline.errors import PipelineError
 from pipeline.progress import Progress
+from pipeline.shards import shard_list_digest
 from pipeline.views import VIEW_FIELDS
 
 FORMAT_VERSION = 2
@@ -239,19 +240,21 @@ def write_part(out: Path, part: ShardPart, header: CacheHeader) -> None:
         f["keys"] = np.array(part.keys, dtype=object).astype(STR) if part.keys else np.empty(0, STR)
         f["positions"] = part.positions.astype(np.int32)
         f["labels"] = part.labels.astype(np.int32)
-        f["params"] = view_major(part.params.astype(np.float32), V)
+        views = {"params": view_major(part.params.astype(np.float32), V)}
         if header.topk:
             index, value = compress_topk(part.similarities, header.topk)
-            f["topk_index"], f["topk_similarity"] = view_major(index, V), view_major(value, V)
+            views["topk_index"], views["topk_similarity"] = view_major(index, V), view_major(value, V)
         else:
-            f["similarities"] = view_major(part.similarities.astype(np.float16), V)
+            views["similarities"] = view_major(part.similarities.astype(np.float16), V)
         if part.embeddings is not None:
-            f["embeddings"] = view_major(part.embeddings.astype(np.float16), V)
+            views["embeddings"] = view_major(part.embeddings.astype(np.float16), V)
+        for name, rows in views.items():
+            f[name] = rows
         # Checksums of what the reader reads at once (one view block of one dataset), kept
         # in the part and copied into the cache file by the join; every read checks them.
         f.attrs["checksums"] = json.dumps({
             "images": image_digest(part.positions, part.labels),
-            **{name: block_digests(f[name][:], V) for name in PER_VIEW if name in f},
+            **{name: block_digests(rows, V) for name, rows in views.items()},
         })
     atomic.write_bytes(path, image.getbuffer())
 
@@ -390,16 +393,6 @@ def join_parts(
     return corrupt
 
 
-def remove_cache(out: Path) -> None:
-    """Delete a cache file and its parts directory."""
-    directory = parts_dir(out)
-    if directory.is_dir():
-        for path in directory.iterdir():
-            path.unlink()
-        directory.rmdir()
-    out.unlink(missing_ok=True)
-
-
 # --------------------------------------------------------------------------- reading
 
 
@@ -415,6 +408,15 @@ class ShardTargets:
 
     def row_of_position(self) -> dict[int, int]:
         return {int(p): i for i, p in enumerate(self.positions)}
+
+
+def view_sources(f: h5py.File, path: Path) -> list[Path]:
+    """The part files the per-view datasets of cache file `f` (at `path`) map to, one per non-empty shard."""
+    params = f["views/params"]
+    if not params.is_virtual:
+        return []
+    names = dict.fromkeys(source.file_name for source in params.virtual_sources())
+    return [path.parent / name for name in names]
 
 
 class TeacherCache:
@@ -434,11 +436,11 @@ class TeacherCache:
                     self.shard_names = [s.decode() if isinstance(s, bytes) else s for s in f["shards/name"][:]]
                     self.image_start = f["shards/image_start"][:]
                     self.image_count = f["shards/image_count"][:]
+                    self.part_files = view_sources(f, self.path)
         except (OSError, KeyError) as err:
             raise PipelineError(f"{self.path}: not a readable teacher cache ({err}); re-run precompute") from None
         if missing:
             raise PipelineError(f"{self.path}: damaged, {', '.join(missing[:3])} missing; re-run precompute")
-        self.part_files = self.view_sources()
         missing = [path for path in self.part_files if not path.is_file()]
         if missing:
             raise PipelineError(
@@ -473,8 +475,6 @@ class TeacherCache:
                 f"{f' ({prompts})' if prompts else ''}; {fix} or fix the prompt options"
             )
         if shards is not None:
-            from pipeline.shards import shard_list_digest
-
             names = [Path(s).name for s in shards]
             if self.shard_names != names:
                 raise PipelineError(
@@ -492,15 +492,6 @@ class TeacherCache:
             raise PipelineError(
                 f"{self.path}: holds no teacher image embeddings; re-run precompute with --store-embeddings"
             )
-
-    def view_sources(self) -> list[Path]:
-        """The part files the per-view datasets map to (from the file itself), one per non-empty shard."""
-        with h5py.File(self.path, "r") as f:
-            params = f["views/params"]
-            if not params.is_virtual:
-                return []
-            names = dict.fromkeys(source.file_name for source in params.virtual_sources())
-        return [self.path.parent / name for name in names]
 
     @property
     def file(self) -> h5py.File:
@@ -577,13 +568,6 @@ class TeacherCache:
     def labels(self) -> np.ndarray:
         """(N,) class index of every image, -1 where unknown."""
         return self.file["images/label"][:]
-
-    def keys(self) -> list[str]:
-        return [k.decode() if isinstance(k, bytes) else k for k in self.file["images/key"][:]]
-
-    def view_images(self, rows: slice | np.ndarray) -> np.ndarray:
-        """The image index of view rows."""
-        return self.file["views/image"][rows]
 
     def view_rows(self, shard: int, view: int | None = None) -> slice:
         """The rows of a shard (all views), or of one view index of it: one contiguous slice."""

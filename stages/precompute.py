@@ -140,6 +140,7 @@ def run_process(config: PrecomputeConfig, process: distributed.Process,
 
     reader = cache.TeacherCache(out)
     views = reader.num_images * config.views
+    stored = reader.stored_bytes()
     metrics = {
         "images": reader.num_images,
         "views": views,
@@ -149,8 +150,8 @@ def run_process(config: PrecomputeConfig, process: distributed.Process,
         "images_this_run": images_done,
         "images_per_second": round(images_done / seconds, 1) if seconds > 0 else 0.0,
         "views_per_second": round(images_done * config.views / seconds, 1) if seconds > 0 else 0.0,
-        "bytes_per_view": round(reader.stored_bytes() / max(1, views), 1),
-        "file_bytes": reader.stored_bytes(),
+        "bytes_per_view": round(stored / max(1, views), 1),
+        "file_bytes": stored,
         "topk": header.topk,
         "device": str(teacher.device),
     }

@@ -177,6 +177,14 @@ def test_verify_passes_a_healthy_cache_and_repairs_take_one_rerun(healthy, demo_
 # --------------------------------------------------------------------------- two writers
 
 
+def precompute_cli(shards: Path, out: Path, teacher, views: int) -> list[str]:
+    """`python -m pipeline precompute` over `shards` into `out` with the tiny teacher, metrics beside `out`."""
+    config, weights = teacher
+    return [sys.executable, "-m", "pipeline", "precompute", "--shards", str(shards), "--out", str(out),
+            "--metrics", str(out.parent / "precompute.json"), "--teacher-config", str(config),
+            "--teacher-checkpoint", str(weights), "--workers", "0", "--views", str(views), "--batch-size", "64"]
+
+
 def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline and not path.exists() and process.poll() is None:
@@ -186,11 +194,8 @@ def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> Non
 
 def test_a_second_precompute_on_one_output_is_refused_and_a_stale_lock_taken_over(tiny_teacher, tmp_path):
     shards = make_demo_shards(tmp_path / "shards", train=2400, val=4, max_per_shard=100)
-    config, weights = tiny_teacher
     out = tmp_path / "cache" / "teacher.h5"
-    args = [sys.executable, "-m", "pipeline", "precompute", "--shards", str(shards), "--out", str(out),
-            "--metrics", str(tmp_path / "m.json"), "--teacher-config", str(config), "--teacher-checkpoint",
-            str(weights), "--workers", "0", "--views", "16", "--batch-size", "64"]  # runs for ~20 s
+    args = precompute_cli(shards, out, tiny_teacher, views=16)  # runs for ~20 s
     first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lock = out.with_name("teacher.h5.lock")
     wait_for(lock, first)
@@ -303,11 +308,8 @@ def error_line(result: subprocess.CompletedProcess) -> str:
 
 
 def test_a_full_disk_during_precompute_is_one_line_and_a_rerun_completes(demo_shards, tiny_teacher, tmp_path, healthy):
-    config, weights = tiny_teacher
     out = tmp_path / "cache" / "teacher.h5"
-    args = [sys.executable, "-m", "pipeline", "precompute", "--shards", str(demo_shards), "--out", str(out),
-            "--metrics", str(tmp_path / "cache" / "precompute.json"), "--teacher-config", str(config),
-            "--teacher-checkpoint", str(weights), "--workers", "0", "--views", "4", "--batch-size", "64"]
+    args = precompute_cli(demo_shards, out, tiny_teacher, views=4)
     full = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           preexec_fn=file_size_limit(16_000))  # a part file is about 20 KB
     line = error_line(full)
@@ -345,11 +347,8 @@ def test_a_full_disk_at_a_checkpoint_keeps_nothing_partial_and_a_rerun_ends_the_
 
 
 def test_a_full_disk_during_the_join_is_one_line_and_a_rerun_only_joins(demo_shards, tiny_teacher, tmp_path):
-    config, weights = tiny_teacher
     out = tmp_path / "cache" / "teacher.h5"
-    args = [sys.executable, "-m", "pipeline", "precompute", "--shards", str(demo_shards), "--out", str(out),
-            "--metrics", str(tmp_path / "cache" / "precompute.json"), "--teacher-config", str(config),
-            "--teacher-checkpoint", str(weights), "--workers", "0", "--views", "1", "--batch-size", "64"]
+    args = precompute_cli(demo_shards, out, tiny_teacher, views=1)
     # parts of 32 images x 1 view are ~8 KB; the cache file (prompts, anchors, checksums) is larger
     full = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           preexec_fn=file_size_limit(14_000))
