@@ -1,13 +1,16 @@
 """The teacher: a frozen open_clip CLIP, whatever its weights' origin, with an identity.
 
-Four sources (the `teacher` section of the params):
+Five sources (the `teacher` section of the params):
   (a) a built-in model name + pretrained tag (open_clip downloads the weights);
   (b) a built-in model name + a local checkpoint file in open_clip's layout;
   (c) a JSON model config (open_clip's model-config format) + a checkpoint file;
   (d) an OpenAI file: a TorchScript archive as OpenAI released them (what `clip.load` reads),
       a state dict that still holds the archive's `input_resolution`, or any state dict in
       OpenAI's layout given without a model name or config. The architecture is derived from
-      the weights as OpenAI's own `build_model` does, so files of any size load.
+      the weights as OpenAI's own `build_model` does, so files of any size load;
+  (e) MS-CLIP (`pipeline.msclip`, not an open_clip model): a built-in name (MS-CLIP-S-B-32,
+      MS-CLIP-S-B-16) or a JSON config with "arch": "ms-clip", + a checkpoint file with exactly
+      the released names, loaded strictly.
 
 QuickGELU: OpenAI trained its CLIPs with QuickGELU, and open_clip 3.x no longer forces it for
 the `openai` tag (it only warns), so the activation is decided here, not left to the release:
@@ -19,8 +22,9 @@ open_clip's layout whose name says "openai", given with a GELU model, is refused
 `resolve_teacher` settles all of that without building the model, so stage two can check a
 cache against the params. The identity records everything that decides the teacher's outputs:
 the resolved architecture and preprocessing (a digest, plus the activation spelled out), the
-weights (tag, or file name and sha256) and the open_clip release; `identity_difference` says
-in one line how two identities differ.
+weights (tag, or file name and sha256) and the open_clip release; its `arch_kind` tells an
+open_clip CLIP (`two-tower`) from an MS-CLIP (`ms-clip`). `identity_difference` says in one line
+how two identities differ.
 
 The wrapper stays in eval mode with gradients off, takes images in [0, 1] (or uint8) at its own
 resolution and applies its own normalisation, and returns L2-normalised float32 embeddings.
@@ -50,6 +54,9 @@ from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
 from pipeline.config import TeacherConfig
 from pipeline.errors import PipelineError
+from pipeline.msclip import ARCH_KIND as MSCLIP_KIND
+from pipeline.msclip import MSCLIP, MSCLIP_CONFIGS, MSCLIPConfig, shared_names
+from pipeline.msclip import preprocess_cfg as msclip_preprocess_cfg
 from pipeline.shards import sha256_file
 from pipeline.views import normalize_pixels
 
@@ -57,6 +64,7 @@ log = logging.getLogger(__name__)
 
 # Entries of OpenAI's TorchScript archives that are not weights (OpenAI's build_model drops them).
 OPENAI_ARCHIVE_ENTRIES = ("input_resolution", "context_length", "vocab_size")
+TWO_TOWER_KIND = "two-tower"  # the arch_kind of every open_clip CLIP (MS-CLIP's is msclip.ARCH_KIND)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -116,7 +124,7 @@ def existing(path: str, option: str) -> Path:
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file: TorchScript archive, safetensors or a torch pickle.
 
-    Unwraps {'state_dict': ...} and DistributedDataParallel's 'module.' prefix, as open_clip does.
+    Unwraps {'state_dict': ...} or {'model': ...} and DistributedDataParallel's 'module.' prefix.
     """
     try:
         if is_torchscript_archive(path):
@@ -136,8 +144,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise PipelineError(
             f"{path}: not a readable checkpoint ({str(err).splitlines()[0][:200]}) (option --teacher-checkpoint)"
         ) from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PipelineError(f"{path}: holds no state dict of tensors (option --teacher-checkpoint)")
     if state and next(iter(state)).startswith("module."):
@@ -160,6 +170,9 @@ def openai_model_config(state: dict[str, torch.Tensor], path: Path) -> dict[str,
     OpenAI's models were trained with it. (open_clip's `build_model_from_openai_state_dict`
     derives the same config but rounds the weights to fp16, which changes fp32 files.)
     """
+    if any(k.startswith("visual.transformer.parallel_branch_v.") for k in state):
+        raise PipelineError(f"{path}: an MS-CLIP state dict, not OpenAI's; name its architecture with "
+                            f"--teacher-model ({' or '.join(MSCLIP_CONFIGS)}) or --teacher-config")
     if not has_openai_layout(state):
         raise PipelineError(
             f"{path}: not a CLIP state dict in OpenAI's layout (needs positional_embedding, "
@@ -266,6 +279,10 @@ class TeacherSpec:
         return bool(self.architecture["quick_gelu"])
 
     @property
+    def arch_kind(self) -> str:
+        return self.architecture.get("arch", TWO_TOWER_KIND)
+
+    @property
     def digest(self) -> str:
         payload = json.dumps({"architecture": self.architecture, "preprocess": self.preprocess},
                              sort_keys=True, default=str)
@@ -273,8 +290,8 @@ class TeacherSpec:
 
     @property
     def identity(self) -> str:
-        fields = [*self.labels, ("arch", self.digest), ("act", "quickgelu" if self.quick_gelu else "gelu"),
-                  ("open_clip", open_clip.__version__)]
+        fields = [*self.labels, ("arch_kind", self.arch_kind), ("arch", self.digest),
+                  ("act", "quickgelu" if self.quick_gelu else "gelu"), ("open_clip", open_clip.__version__)]
         return " ".join(f"{key}={value}" for key, value in fields)
 
 
@@ -303,11 +320,15 @@ def resolve_teacher(config: TeacherConfig) -> TeacherSpec:
         labels.append(("config", config_file.name))
     elif config.model:
         name = config.model
-        if name not in open_clip.list_models():
+        if name in MSCLIP_CONFIGS:
+            named = {"arch": MSCLIP_KIND, **dataclasses.asdict(MSCLIP_CONFIGS[name])}
+        elif name in open_clip.list_models():
+            named = open_clip.get_model_config(name)
+        else:
             raise PipelineError(
-                f"--teacher-model {name}: not an open_clip model; see open_clip.list_models()"
+                f"--teacher-model {name}: not an open_clip model (see open_clip.list_models()) "
+                f"nor one of {', '.join(MSCLIP_CONFIGS)}"
             )
-        named = open_clip.get_model_config(name)
         labels.append(("model", name))
     elif config.checkpoint:
         name, named = "", None  # an OpenAI file: the architecture comes from its weights
@@ -316,6 +337,14 @@ def resolve_teacher(config: TeacherConfig) -> TeacherSpec:
             "teacher: set --teacher-model (an open_clip name) or --teacher-config (a JSON file)"
         )
     source_name = str(config_file) if config_file else f"--teacher-model {name}"
+    kind = named.get("arch", TWO_TOWER_KIND) if isinstance(named, dict) else TWO_TOWER_KIND
+    if kind == MSCLIP_KIND:
+        return resolve_msclip(config, name, named, source_name, tuple(labels), config_file)
+    if kind != TWO_TOWER_KIND:
+        raise PipelineError(f"{source_name}: arch {kind!r} unknown (expected {MSCLIP_KIND}, or {TWO_TOWER_KIND} "
+                            f"or none for an open_clip model config)")
+    if isinstance(named, dict):  # "arch": "two-tower" names open_clip's CLIP; it is not one of its arguments
+        named = {k: v for k, v in named.items() if k != "arch"}
 
     if config.checkpoint:
         checkpoint = existing(config.checkpoint, "--teacher-checkpoint")
@@ -351,6 +380,24 @@ def resolve_teacher(config: TeacherConfig) -> TeacherSpec:
 
     architecture = resolved_architecture(named, source_name)
     return TeacherSpec(name, named, architecture, preprocess_config(architecture), "random", tuple(labels),
+                       config_file=config_file)
+
+
+def resolve_msclip(config: TeacherConfig, name: str, named: dict[str, Any], source_name: str,
+                   labels: tuple[tuple[str, str], ...], config_file: Path | None) -> TeacherSpec:
+    """Source (e): an MS-CLIP, always QuickGELU; weights only from a local file (no download tags)."""
+    msclip_config = MSCLIPConfig.from_dict(named, source_name)
+    architecture = {"arch": MSCLIP_KIND, "quick_gelu": True, **dataclasses.asdict(msclip_config)}
+    architecture = json.loads(json.dumps(architecture, sort_keys=True))
+    preprocess = msclip_preprocess_cfg(msclip_config, named.get("preprocess_cfg"))
+    if not config.checkpoint:  # as for open_clip models, a checkpoint wins over a tag
+        if config.pretrained:
+            raise PipelineError(f"--teacher-pretrained {config.pretrained} for {name}: MS-CLIP has no download "
+                                f"tags; pass the released file with --teacher-checkpoint FILE")
+        return TeacherSpec(name, named, architecture, preprocess, "random", labels, config_file=config_file)
+    checkpoint = existing(config.checkpoint, "--teacher-checkpoint")
+    labels += (("checkpoint", checkpoint.name), ("checkpoint_sha256", sha256_file(checkpoint)))
+    return TeacherSpec(name, named, architecture, preprocess, "checkpoint", labels, checkpoint=checkpoint,
                        config_file=config_file)
 
 
@@ -485,12 +532,52 @@ def build_openai_model(spec: TeacherSpec) -> torch.nn.Module:
     return model
 
 
+def load_msclip_weights(model: MSCLIP, state: dict[str, torch.Tensor], path: Path, name: str) -> None:
+    """A strict load that names the first missing, unexpected and misshapen keys in one line.
+
+    The released files list each shared tensor under both its names; both must hold the same
+    values, since the model keeps one tensor for them.
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshapen = [f"{k} {tuple(state[k].shape)} (model {tuple(v.shape)})" for k, v in expected.items()
+                 if k in state and state[k].shape != v.shape]
+    problems = [f"{what} {len(keys)}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+                for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen))
+                if keys]
+    if problems:
+        raise PipelineError(f"{path}: does not fit model {name} ({'; '.join(problems)}) (option --teacher-checkpoint)")
+    for group in shared_names(model):
+        if not all(torch.equal(state[group[0]], state[other]) for other in group[1:]):
+            raise PipelineError(f"{path}: {group[0]} and {group[1]} differ, but {name} shares one tensor "
+                                f"between them; not an MS-CLIP-S checkpoint (option --teacher-checkpoint)")
+    model.load_state_dict(state, strict=True)
+
+
+def build_msclip_model(spec: TeacherSpec, allow_random: bool) -> tuple[torch.nn.Module, object]:
+    """MS-CLIP (fp32, on CPU) and open_clip's CLIP tokenizer at its context length."""
+    msclip_config = MSCLIPConfig.from_dict(spec.model_config, spec.name)
+    if spec.source != "checkpoint" and not allow_random:
+        raise PipelineError(f"teacher {spec.name}: no weights given; set --teacher-checkpoint FILE "
+                            f"(MS-CLIP has no download tags)")
+    model = MSCLIP(msclip_config)
+    if spec.source == "checkpoint":
+        load_msclip_weights(model, read_state_dict(spec.checkpoint), spec.checkpoint, spec.name)
+    set_model_preprocess_cfg(model, spec.preprocess)
+    return model, open_clip.SimpleTokenizer(context_length=msclip_config.context_length)
+
+
 def build_model(config: TeacherConfig, allow_random: bool = False,
                 spec: TeacherSpec | None = None) -> tuple[torch.nn.Module, object]:
-    """The open_clip model and tokenizer for a teacher config (weights loaded, fp32, on CPU)."""
+    """The model (open_clip's CLIP, or MS-CLIP) and tokenizer for a teacher config (weights
+    loaded, fp32, on CPU)."""
     spec = spec or resolve_teacher(config)
+    if spec.arch_kind == MSCLIP_KIND:
+        return build_msclip_model(spec, allow_random)
     if spec.config_file:
         open_clip.add_model_config(spec.config_file)  # registers the architecture under the file's stem
+        open_clip.factory._MODEL_CONFIGS.get(spec.name, {}).pop("arch", None)  # ours, not a CLIP argument
     if spec.source == "openai-file":
         log.info("%s: OpenAI weights, built with QuickGELU (%s)", spec.checkpoint,
                  "TorchScript archive" if is_torchscript_archive(spec.checkpoint) else "state dict")
