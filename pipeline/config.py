@@ -102,7 +102,16 @@ class ShardsConfig:
 @dataclass(frozen=True)
 class DemoTeacherConfig:
     shards: str = opt("demo shards: their val split measures zero-shot accuracy")
-    config: str = opt("JSON open_clip model config of the teacher; weights are written beside it")
+    config: str = opt("JSON model config of the teacher (open_clip's, or MS-CLIP's with \"arch\": \"ms-clip\")")
+    arch: str = opt("two-tower: open_clip's CLIP (separate image and text towers); ms-clip: one shared "
+                    "transformer (MS-CLIP); must be the config file's", choices=("two-tower", "ms-clip"))
+    objective: str = opt("clip: the contrastive loss; psd: progressive self-distillation (soft targets from "
+                         "the model itself, a reconstruction)", choices=("clip", "psd"))
+    psd_rho: float = opt("psd: share of each batch's rows given soft targets", high=1)
+    psd_alpha_max: float = opt("psd: weight of the model's own distribution in the soft targets, at the "
+                               "end of the ramp", high=1)
+    psd_ramp: float = opt("psd: share of the training steps over which alpha ramps up from 0 to "
+                          "psd_alpha_max", high=1, open_low=True)
     out: str = opt("weights file to write (.safetensors)")
     init: str = opt("weights to start from (empty: random initialisation)")
     steps: int = opt("training steps", low=1)

@@ -49,44 +49,54 @@ def supervised_loss(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, tor
     return {"loss": loss, "ce": loss.detach(), "accuracy": accuracy.detach()}
 
 
+def caption_targets(caption_ids: torch.Tensor) -> torch.Tensor:
+    """(B, B) contrastive targets: row i uniform over the columns whose caption equals caption i
+    (the same string is not a negative of itself); the identity when all captions differ."""
+    same = (caption_ids[:, None] == caption_ids[None, :]).float()
+    return same / same.sum(-1, keepdim=True)
+
+
+def soft_contrastive_loss(logits: torch.Tensor, image_to_text: torch.Tensor,
+                          text_to_image: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Symmetric cross-entropy of image-text logits (B, B) against target rows of either direction."""
+    image_loss = -(image_to_text * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+    text_loss = -(text_to_image * F.log_softmax(logits.T, dim=-1)).sum(-1).mean()
+    loss = (image_loss + text_loss) / 2
+    return {"loss": loss, "contrastive": loss.detach()}
+
+
 def caption_contrastive_loss(
     image_embeddings: torch.Tensor,
     text_embeddings: torch.Tensor,
     logit_scale: torch.Tensor,
     caption_ids: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """Symmetric CLIP loss where pairs with identical caption text are all positives.
-
-    Row i's target is uniform over the columns j whose caption equals caption i (the same
-    string is not a negative of itself); with all-distinct captions this is exactly CLIP's
-    InfoNCE. Embeddings are unit norm; logits = exp(logit_scale) * cos.
-    """
+    """Symmetric CLIP loss where pairs with identical caption text are all positives
+    (`caption_targets`); with all-distinct captions this is exactly CLIP's InfoNCE.
+    Embeddings are unit norm; logits = exp(logit_scale) * cos."""
     logits = logit_scale.exp() * image_embeddings @ text_embeddings.T
-    same = (caption_ids[:, None] == caption_ids[None, :]).float()
-    targets = same / same.sum(-1, keepdim=True)
-    image_loss = -(targets * F.log_softmax(logits, dim=-1)).sum(-1).mean()
-    text_loss = -(targets * F.log_softmax(logits.T, dim=-1)).sum(-1).mean()
-    loss = (image_loss + text_loss) / 2
-    return {"loss": loss, "contrastive": loss.detach()}
+    targets = caption_targets(caption_ids)
+    return soft_contrastive_loss(logits, targets, targets.T)
 
 
-def psd_targets(logits: torch.Tensor, alpha: float, rho: float, generator: torch.Generator | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def psd_targets(logits: torch.Tensor, alpha: float, rho: float, generator: torch.Generator | None = None,
+                hard: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft targets of progressive self-distillation (PSD), a reconstruction.
 
     Andonian et al. (CVPR 2022) distil the model's own knowledge into soft image-text
     alignment targets for a subset of every minibatch; their exact formula is not public to
     us. This reconstruction: a random subset of rows (each row with probability `rho`) gets
-    (1 - alpha) * identity + alpha * softmax(logits) (the model's own distribution, no
-    gradient), the other rows the one-hot identity. Returns the targets (B, B) of the
-    image-to-text direction and of the text-to-image direction (from the transposed logits).
+    (1 - alpha) * hard + alpha * softmax(logits) (the model's own distribution, no gradient),
+    the other rows the hard targets: `hard` (B, B), the identity by default (or
+    `caption_targets`). Returns the targets of the image-to-text direction and of the
+    text-to-image direction (from the transposed logits and hard targets).
     """
     batch = logits.shape[0]
-    identity = torch.eye(batch, device=logits.device, dtype=torch.float32)
+    hard = torch.eye(batch, device=logits.device) if hard is None else hard.float()
     chosen = (torch.rand(batch, generator=generator) < rho).to(logits.device)[:, None]
     own = logits.detach().float()
-    image_to_text = torch.where(chosen, (1 - alpha) * identity + alpha * own.softmax(-1), identity)
-    text_to_image = torch.where(chosen, (1 - alpha) * identity + alpha * own.T.softmax(-1), identity)
+    image_to_text = torch.where(chosen, (1 - alpha) * hard + alpha * own.softmax(-1), hard)
+    text_to_image = torch.where(chosen, (1 - alpha) * hard.T + alpha * own.T.softmax(-1), hard.T)
     return image_to_text, text_to_image
 
 
@@ -97,13 +107,12 @@ def psd_loss(
     alpha: float,
     rho: float,
     generator: torch.Generator | None = None,
+    caption_ids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """CLIP's symmetric contrastive loss against PSD's soft targets (`psd_targets`, a
-    reconstruction). With alpha = 0 (or rho = 0) it is exactly CLIP's InfoNCE loss.
-    Embeddings are unit norm; logits = exp(logit_scale) * cos."""
+    reconstruction), the hard part from `caption_ids` when given (`caption_targets`). With
+    alpha = 0 (or rho = 0) it is exactly `caption_contrastive_loss` (CLIP's InfoNCE when the
+    captions differ). Embeddings are unit norm; logits = exp(logit_scale) * cos."""
     logits = logit_scale.exp() * image_embeddings @ text_embeddings.T
-    image_to_text, text_to_image = psd_targets(logits, alpha, rho, generator)
-    image_loss = -(image_to_text * F.log_softmax(logits, dim=-1)).sum(-1).mean()
-    text_loss = -(text_to_image * F.log_softmax(logits.T, dim=-1)).sum(-1).mean()
-    loss = (image_loss + text_loss) / 2
-    return {"loss": loss, "contrastive": loss.detach()}
+    hard = caption_targets(caption_ids) if caption_ids is not None else None
+    return soft_contrastive_loss(logits, *psd_targets(logits, alpha, rho, generator, hard))

@@ -9,6 +9,13 @@ interrupted ablation continues where it stopped.
 
     python scripts/ablation.py                 # all rows
     python scripts/ablation.py --rows "V = 1"  # some rows
+
+Rows that override `demo_teacher.*` first pre-train their own teacher with the demo-teacher
+stage (shared between rows with the same teacher settings, in data/ablation/teachers/) and use
+it as the teacher of their cache; `params/teachers.yaml` compares teacher pre-training that way
+(CLIP vs PSD, two-tower vs MS-CLIP), and the table then adds the teacher's columns:
+
+    python scripts/ablation.py --rows-file params/teachers.yaml --json metrics/teachers.json
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from pipeline.atomic import write_json
 from pipeline.cache import TeacherCache, stored_bytes_per_view
 from pipeline.config import DEFAULT_PARAMS, load_config, override
 from pipeline.errors import PipelineError
-from stages import distill, precompute, probe
+from stages import demo_teacher, distill, precompute, probe
 
 OUT = Path("data/ablation")
 
@@ -42,18 +49,40 @@ def stage_changes(overrides: dict[str, object], stage: str) -> dict[str, object]
         section, _, rest = key.partition(".")
         if section == stage:
             changes[rest] = value
-        elif section in ("prompts", "teacher"):
+        elif section == "prompts" or (section == "teacher" and stage != "demo_teacher"):
             changes[key] = value
         elif section == "train" and stage in ("distill",):
             changes[key] = value
     return changes
 
 
+def settings_key(overrides: dict[str, object], prefixes: tuple[str, ...]) -> str:
+    chosen = {k: v for k, v in overrides.items() if k.startswith(prefixes)}
+    return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def row_teacher(overrides: dict[str, object], params: Path) -> dict[str, object]:
+    """A row's own pre-trained teacher (when it overrides demo_teacher.*): the teacher.* overrides
+    that select it, plus its training metrics under "_metrics"."""
+    if not any(k.startswith("demo_teacher.") for k in overrides):
+        return {}
+    out = OUT / "teachers" / f"{settings_key(overrides, ('demo_teacher.',))}.safetensors"
+    config = override(load_config("demo_teacher", params), {**stage_changes(overrides, "demo_teacher"),
+                                                            "out": str(out)})
+    metrics_path = out.with_suffix(".metrics.json")
+    if not metrics_path.is_file():
+        demo_teacher.run(config)
+    return {"teacher.model": "", "teacher.pretrained": "", "teacher.config": config.config,
+            "teacher.checkpoint": str(out), "_metrics": json.loads(metrics_path.read_text())}
+
+
 def run_row(name: str, overrides: dict[str, object], params: Path) -> dict[str, object]:
     row_dir = OUT / slug(name)
     result_path = row_dir / "probe.json"
-    cache_settings = {k: v for k, v in overrides.items() if k.startswith(("precompute.", "prompts."))}
-    cache_key = hashlib.sha256(json.dumps(cache_settings, sort_keys=True).encode()).hexdigest()[:10]
+    teacher = row_teacher(overrides, params)
+    teacher_metrics = teacher.pop("_metrics", None)
+    overrides = {**overrides, **teacher}
+    cache_key = settings_key(overrides, ("precompute.", "prompts.", "teacher."))
     cache_path = OUT / "caches" / f"{cache_key}.h5"
     if not cache_path.is_file():
         config = override(load_config("precompute", params), {
@@ -73,9 +102,9 @@ def run_row(name: str, overrides: dict[str, object], params: Path) -> dict[str, 
         probe.run(config)
     header = TeacherCache(cache_path).header
     metrics = json.loads(result_path.read_text())
-    return {
+    result = {
         "row": name,
-        "overrides": overrides,
+        "overrides": {k: v for k, v in overrides.items() if not k.startswith("teacher.")},
         "student_linear_top1": metrics["student"]["linear_top1"],
         "student_zeroshot_top1": metrics["student"]["zeroshot_top1"],
         "teacher_zeroshot_top1": metrics["teacher"]["zeroshot_top1"],
@@ -85,6 +114,11 @@ def run_row(name: str, overrides: dict[str, object], params: Path) -> dict[str, 
                                                       header.topk, header.embed_dim,
                                                       header.store_embeddings), 1),
     }
+    if teacher_metrics is not None:
+        result.update(teacher_linear_top1=metrics["teacher"]["linear_top1"],
+                      teacher_steps=teacher_metrics["steps"],
+                      teacher_minutes=round(teacher_metrics["train_seconds"] / 60, 1))
+    return result
 
 
 def main() -> None:
@@ -105,6 +139,15 @@ def main() -> None:
     except PipelineError as err:
         raise SystemExit(f"error: {err}") from None
     write_json(args.json, {"rows": results})
+    if all("teacher_steps" in r for r in results):
+        print("| row | teacher steps | teacher minutes | teacher zero-shot top-1 | teacher linear top-1 | "
+              "student linear top-1 | student zero-shot top-1 |")
+        print("|---|---|---|---|---|---|---|")
+        for r in results:
+            print(f"| {r['row']} | {r['teacher_steps']} | {r['teacher_minutes']} | "
+                  f"{100 * r['teacher_zeroshot_top1']:.1f} | {100 * r['teacher_linear_top1']:.1f} | "
+                  f"{100 * r['student_linear_top1']:.1f} | {100 * r['student_zeroshot_top1']:.1f} |")
+        return
     print("| row | student linear top-1 | student zero-shot top-1 | V | top-k | bytes / view |")
     print("|---|---|---|---|---|---|")
     for r in results:

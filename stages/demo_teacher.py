@@ -1,11 +1,15 @@
-"""`python -m pipeline demo-teacher`: train the tiny demo CLIP on the demo world's captions.
+"""`python -m pipeline demo-teacher`: pre-train a small CLIP on the demo world's captions.
 
-The teacher is an open_clip CLIP built from a JSON model config (a small ViT image tower),
-trained contrastively on a stream of freshly rendered demo images and their captions
-(seeded apart from the shards, so the val shards stay unseen), then saved as fp16
-safetensors beside its config and loaded by every stage through the same path as a real
-CLIP checkpoint. It is trained once and shipped; training resumes from its last
-checkpoint if interrupted.
+The project's CLIP pre-training stage. The model is built from a JSON model config: open_clip's
+CLIP (`arch: two-tower`, a small ViT image tower) or MS-CLIP (`arch: ms-clip`, one transformer
+shared by the image and text towers, `pipeline.msclip`). It is trained on a stream of freshly
+rendered demo images and their captions (seeded apart from the shards, so the val shards stay
+unseen; `caption_noise` swaps a seeded share of them for other images' captions) with
+`objective: clip` (the contrastive loss, identical captions all positives) or `objective: psd`
+(progressive self-distillation, a reconstruction: `pipeline.losses.psd_loss`, alpha ramping up
+from 0). It is saved as fp16 safetensors beside its config and loaded by every stage through the
+same path as a real CLIP checkpoint. The default demo teacher is trained once and shipped;
+training resumes from its last checkpoint if interrupted.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pipeline.atomic import atomic_path, write_json
 from pipeline.config import DemoTeacherConfig, TeacherConfig, write_resolved
 from pipeline.errors import PipelineError
 from pipeline.features import extract_features, top1, zero_shot_scores
-from pipeline.losses import caption_contrastive_loss
+from pipeline.losses import psd_loss
 from pipeline.progress import Progress
 from pipeline.prompts import class_anchors
 from pipeline.shards import list_shards, read_classes
@@ -93,6 +97,27 @@ def zero_shot_accuracy(teacher: Teacher, config: DemoTeacherConfig) -> dict[str,
     return results
 
 
+def check_arch(config: DemoTeacherConfig) -> None:
+    """`arch` must name the config file's architecture (a JSON without "arch" is open_clip's two-tower)."""
+    path = Path(config.config)
+    try:
+        kind = json.loads(path.read_text()).get("arch", "two-tower")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PipelineError(f"{path}: not a readable JSON model config ({err}) (option --config)") from None
+    if kind != config.arch:
+        raise PipelineError(f"option --arch {config.arch}: {path} is a {kind} model config; pass the "
+                            f"config of a {config.arch} model, or --arch {kind}")
+
+
+def psd_alpha(config: DemoTeacherConfig, step: int) -> float:
+    """PSD's alpha at `step`: 0 for objective clip; else a linear ramp from 0 reaching psd_alpha_max
+    after psd_ramp of the training steps."""
+    if config.objective == "clip":
+        return 0.0
+    ramp_steps = max(1.0, config.psd_ramp * config.steps)
+    return config.psd_alpha_max * min(1.0, step / ramp_steps)
+
+
 def save_weights(model: torch.nn.Module, path: Path) -> None:
     """fp16 safetensors, written under a temporary name and renamed."""
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
@@ -109,6 +134,7 @@ def run(config: DemoTeacherConfig) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     list_shards(config.shards, "val")  # fail early, before training, if the shards are missing
     torch.manual_seed(config.seed)
+    check_arch(config)
     architecture = TeacherConfig(model="", pretrained="", checkpoint="", config=config.config)
     if config.init:
         architecture = replace(architecture, checkpoint=config.init)
@@ -143,8 +169,10 @@ def run(config: DemoTeacherConfig) -> dict[str, Any]:
             group["lr"] = learning_rate(step, config.steps, config.warmup_steps, config.lr)
         image_embeddings = F.normalize(model.encode_image(normalize_pixels(images, mean, std)), dim=-1)
         text_embeddings = F.normalize(model.encode_text(tokens), dim=-1)
-        terms = caption_contrastive_loss(image_embeddings, text_embeddings, model.logit_scale,
-                                         caption_ids)
+        alpha = psd_alpha(config, step)
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)  # the same rows on resume
+        terms = psd_loss(image_embeddings, text_embeddings, model.logit_scale, alpha, config.psd_rho,
+                         generator, caption_ids)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()
@@ -155,7 +183,7 @@ def run(config: DemoTeacherConfig) -> dict[str, Any]:
         progress.set_postfix(loss=f"{terms['loss'].item():.3f}",
                              scale=f"{model.logit_scale.exp().item():.1f}")
         if step % 100 == 0 or step == config.steps:
-            history.append({"step": step, "loss": round(terms["loss"].item(), 4)})
+            history.append({"step": step, "loss": round(terms["loss"].item(), 4), "alpha": round(alpha, 4)})
         evaluate_now = config.eval_every and step % config.eval_every == 0 and step < config.steps
         if evaluate_now or step % 250 == 0:
             save_weights(model, out)
@@ -177,6 +205,9 @@ def run(config: DemoTeacherConfig) -> dict[str, Any]:
         "zero_shot_top1_plain": accuracy["plain"],
         "zero_shot_top1_cpa": accuracy["cpa"],
         "zero_shot_per_class_with_context": accuracy["per_class"],
+        "arch": config.arch,
+        "objective": config.objective,
+        "caption_noise": config.caption_noise,
         "steps": config.steps,
         "batch_size": config.batch_size,
         "train_seconds": round(seconds, 1),

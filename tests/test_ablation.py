@@ -42,3 +42,33 @@ def test_two_rows_run_and_share_nothing_they_should_not(demo_shards, tiny_teache
                             "--rows-file", "rows.yaml", "--json", "ablation.json"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
     assert again.returncode == 0 and "distill" not in again.stderr
+
+
+def test_teacher_rows_pre_train_their_own_teacher_and_report_it(demo_shards, tiny_teacher, tmp_path):
+    config, weights = tiny_teacher
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["teacher"].update(config=str(config), checkpoint=str(weights))
+    params["prompts"].update(plain_templates=str(ROOT / params["prompts"]["plain_templates"]),
+                             cpa_templates=str(ROOT / params["prompts"]["cpa_templates"]))
+    params["demo_teacher"].update(shards=str(demo_shards), config=str(config), steps=2, batch_size=8,
+                                  warmup_steps=1, eval_every=0, workers=0, init="")
+    params["precompute"].update(shards=str(demo_shards), views=1, batch_size=64, workers=0)
+    params["train"].update(shards=str(demo_shards), image_size=32, epochs=1, batch_size=16, workers=0)
+    params["probe"].update(shards=str(demo_shards), batch_size=64, workers=0, max_train_images=0)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    rows = {"clip": {"demo_teacher.objective": "clip"},
+            "psd": {"demo_teacher.objective": "psd", "demo_teacher.psd_rho": 1.0}}
+    (tmp_path / "rows.yaml").write_text(yaml.safe_dump(rows))
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, str(ROOT / "scripts/ablation.py"), "--params", "params.yaml",
+                             "--rows-file", "rows.yaml", "--json", "teachers.json"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| row | teacher steps | teacher minutes |" in result.stdout
+    results = {r["row"]: r for r in json.loads((tmp_path / "teachers.json").read_text())["rows"]}
+    assert results["clip"]["teacher_steps"] == 2 and 0 <= results["psd"]["teacher_linear_top1"] <= 1
+    teachers = sorted((tmp_path / "data/ablation/teachers").glob("*.safetensors"))
+    assert len(teachers) == 2  # one teacher per row, each the teacher of its own cache
+    assert len(list((tmp_path / "data/ablation/caches").glob("*.h5"))) == 2
+    identities = {json.loads(t.with_suffix(".metrics.json").read_text())["identity"] for t in teachers}
+    assert len(identities) == 2

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from pipeline import demo_world
 from pipeline.config import TeacherConfig
+from pipeline.errors import PipelineError
 from pipeline.teacher import load_teacher
 from stages import demo_teacher
-from tests.conftest import make_tiny_teacher, stage_config
+from tests.conftest import ROOT, make_tiny_teacher, stage_config
 
 
 def test_a_few_steps_save_a_teacher_and_report_the_homonyms(demo_shards, tmp_path):
@@ -34,3 +36,42 @@ def test_a_few_steps_save_a_teacher_and_report_the_homonyms(demo_shards, tmp_pat
     assert teacher.encode_text(["a crane, a kind of bird."]).shape == (1, 32)
     assert torch.isfinite(teacher.encode_image(torch.rand(2, 3, 32, 32))).all()
     assert not out.with_name(out.name + ".resume.pt").exists()
+
+
+def test_psd_objective_ramps_alpha_and_trains_a_loadable_teacher(demo_shards, tmp_path):
+    config_file, _ = make_tiny_teacher(tmp_path / "arch")
+    out = tmp_path / "psd.safetensors"
+    config = stage_config("demo_teacher", shards=str(demo_shards), config=str(config_file), out=str(out),
+                          init="", steps=4, batch_size=8, warmup_steps=1, workers=0, eval_every=0,
+                          objective="psd", psd_rho=1.0, psd_alpha_max=0.4, psd_ramp=0.5, caption_noise=0.3)
+    metrics = demo_teacher.run(config)
+    assert metrics["objective"] == "psd" and metrics["caption_noise"] == 0.3
+    assert metrics["history"][-1]["alpha"] == 0.4  # the ramp reached alpha_max at half the steps
+    assert demo_teacher.psd_alpha(config, 1) == 0.2 and demo_teacher.psd_alpha(config, 0) == 0.0
+    clip = stage_config("demo_teacher", config=str(config_file), steps=4, objective="clip", psd_alpha_max=0.4)
+    assert demo_teacher.psd_alpha(clip, 4) == 0.0
+    teacher = load_teacher(TeacherConfig(model="", pretrained="", checkpoint=str(out), config=str(config_file)),
+                           "cpu", precision="fp32")
+    assert torch.isfinite(teacher.encode_text(["a crane."])).all()
+
+
+def test_an_arch_other_than_the_config_files_is_refused_in_one_line(demo_shards, tmp_path):
+    config_file, _ = make_tiny_teacher(tmp_path / "arch")
+    config = stage_config("demo_teacher", shards=str(demo_shards), config=str(config_file),
+                          out=str(tmp_path / "t.safetensors"), arch="ms-clip")
+    with pytest.raises(PipelineError, match=r"--arch ms-clip: .* is a two-tower model config"):
+        demo_teacher.run(config)
+    assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_an_ms_clip_teacher_pre_trains_and_loads_as_a_teacher(demo_shards, tmp_path):
+    out = tmp_path / "msclip.safetensors"
+    config_file = ROOT / "data/teachers/demo-msclip.json"
+    config = stage_config("demo_teacher", shards=str(demo_shards), config=str(config_file), arch="ms-clip",
+                          out=str(out), init="", steps=2, batch_size=4, warmup_steps=1, workers=0, eval_every=0)
+    metrics = demo_teacher.run(config)
+    assert metrics["arch"] == "ms-clip" and "arch_kind=ms-clip" in metrics["identity"]
+    teacher = load_teacher(TeacherConfig(model="", pretrained="", checkpoint=str(out), config=str(config_file)),
+                           "cpu", precision="fp32")
+    embeddings = teacher.encode_text(["a crane, a kind of bird.", "a bat."])
+    assert embeddings.shape == (2, 128) and torch.allclose(embeddings.norm(dim=-1), torch.ones(2), atol=1e-4)

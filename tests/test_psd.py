@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import caption_contrastive_loss, psd_loss, psd_targets
+from pipeline.losses import caption_contrastive_loss, caption_targets, psd_loss, psd_targets
 
 
 def embeddings(seed: int = 0, batch: int = 6, dim: int = 8):
@@ -50,3 +50,14 @@ def test_the_soft_targets_carry_no_gradient():
                 - (backward * F.log_softmax(fixed.T, -1)).sum(-1).mean()) / 2
     expected.backward()
     assert torch.allclose(image.grad, image2.grad, atol=1e-6) and torch.allclose(text.grad, text2.grad, atol=1e-6)
+
+
+def test_repeated_captions_stay_positives_under_psd():
+    image, text, scale = embeddings(seed=3)
+    ids = torch.tensor([0, 1, 1, 2, 3, 3])  # two captions appear twice
+    clip = caption_contrastive_loss(image, text, scale, ids)["loss"]
+    assert torch.allclose(psd_loss(image, text, scale, alpha=0.0, rho=1.0, caption_ids=ids)["loss"], clip, atol=1e-6)
+    logits = scale.exp() * image.detach() @ text.detach().T
+    forward, backward = psd_targets(logits, alpha=0.4, rho=1.0, hard=caption_targets(ids))
+    assert torch.allclose(forward[1], 0.6 * torch.tensor([0, 0.5, 0.5, 0, 0, 0]) + 0.4 * logits[1].softmax(-1))
+    assert torch.allclose(backward.sum(-1), torch.ones(6))
