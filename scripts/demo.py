@@ -21,7 +21,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 # Measured on a fresh clone (2-core CPU): seconds of each stage of the default demo.
-STAGE_SECONDS = {"shards": 6, "precompute": 35, "distill": 170, "supervised": 170, "probe": 75}
+STAGE_SECONDS = {"shards": 10, "precompute": 40, "distill": 205, "supervised": 200, "probe": 65}
 
 
 def clock(seconds: float) -> str:

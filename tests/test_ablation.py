@@ -11,22 +11,34 @@ import yaml
 from tests.conftest import ROOT
 
 
-def test_two_rows_run_and_share_nothing_they_should_not(demo_shards, tiny_teacher, tmp_path):
+def write_tiny_params(tmp_path, demo_shards, tiny_teacher, views: int) -> None:
+    """params.yaml in tmp_path: the tiny teacher, the test shards, one short epoch."""
     config, weights = tiny_teacher
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["teacher"].update(config=str(config), checkpoint=str(weights))
     params["prompts"].update(plain_templates=str(ROOT / params["prompts"]["plain_templates"]),
                              cpa_templates=str(ROOT / params["prompts"]["cpa_templates"]))
-    params["precompute"].update(shards=str(demo_shards), views=2, batch_size=64, workers=0)
+    params["demo_teacher"].update(shards=str(demo_shards), config=str(config), steps=2, batch_size=8,
+                                  warmup_steps=1, eval_every=0, workers=0, init="")
+    params["precompute"].update(shards=str(demo_shards), views=views, batch_size=64, workers=0)
     params["train"].update(shards=str(demo_shards), image_size=32, epochs=1, batch_size=16, workers=0)
     params["probe"].update(shards=str(demo_shards), batch_size=64, workers=0, max_train_images=0)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    rows = {"baseline": {}, "top-1 targets": {"precompute.topk": 1}}
+
+
+def run_ablation(tmp_path, rows: dict, json_name: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """scripts/ablation.py over `rows` with tmp_path's params.yaml, in tmp_path."""
     (tmp_path / "rows.yaml").write_text(yaml.safe_dump(rows))
-    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, str(ROOT / "scripts/ablation.py"), "--params", "params.yaml",
-                             "--rows-file", "rows.yaml", "--json", "ablation.json"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run([sys.executable, str(ROOT / "scripts/ablation.py"), "--params", "params.yaml",
+                           "--rows-file", "rows.yaml", "--json", json_name],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+
+
+def test_two_rows_run_and_share_nothing_they_should_not(demo_shards, tiny_teacher, tmp_path):
+    write_tiny_params(tmp_path, demo_shards, tiny_teacher, views=2)
+    rows = {"baseline": {}, "top-1 targets": {"precompute.topk": 1}}
+    result = run_ablation(tmp_path, rows, "ablation.json")
     assert result.returncode == 0, result.stderr[-2000:]
     table = [line for line in result.stdout.splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(rows)
@@ -38,31 +50,15 @@ def test_two_rows_run_and_share_nothing_they_should_not(demo_shards, tiny_teache
     # the same teacher and anchors in both rows: only the student's targets differ
     assert results["baseline"]["teacher_zeroshot_top1"] == results["top-1 targets"]["teacher_zeroshot_top1"]
     # a second run reuses the finished rows
-    again = subprocess.run([sys.executable, str(ROOT / "scripts/ablation.py"), "--params", "params.yaml",
-                            "--rows-file", "rows.yaml", "--json", "ablation.json"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    again = run_ablation(tmp_path, rows, "ablation.json", timeout=120)
     assert again.returncode == 0 and "distill" not in again.stderr
 
 
 def test_teacher_rows_pre_train_their_own_teacher_and_report_it(demo_shards, tiny_teacher, tmp_path):
-    config, weights = tiny_teacher
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["teacher"].update(config=str(config), checkpoint=str(weights))
-    params["prompts"].update(plain_templates=str(ROOT / params["prompts"]["plain_templates"]),
-                             cpa_templates=str(ROOT / params["prompts"]["cpa_templates"]))
-    params["demo_teacher"].update(shards=str(demo_shards), config=str(config), steps=2, batch_size=8,
-                                  warmup_steps=1, eval_every=0, workers=0, init="")
-    params["precompute"].update(shards=str(demo_shards), views=1, batch_size=64, workers=0)
-    params["train"].update(shards=str(demo_shards), image_size=32, epochs=1, batch_size=16, workers=0)
-    params["probe"].update(shards=str(demo_shards), batch_size=64, workers=0, max_train_images=0)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_tiny_params(tmp_path, demo_shards, tiny_teacher, views=1)
     rows = {"clip": {"demo_teacher.objective": "clip"},
             "psd": {"demo_teacher.objective": "psd", "demo_teacher.psd_rho": 1.0}}
-    (tmp_path / "rows.yaml").write_text(yaml.safe_dump(rows))
-    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, str(ROOT / "scripts/ablation.py"), "--params", "params.yaml",
-                             "--rows-file", "rows.yaml", "--json", "teachers.json"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    result = run_ablation(tmp_path, rows, "teachers.json")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| row | teacher steps | teacher minutes |" in result.stdout
     results = {r["row"]: r for r in json.loads((tmp_path / "teachers.json").read_text())["rows"]}
