@@ -39,7 +39,7 @@ from pipeline.progress import Progress
 from pipeline.prompts import class_anchors
 from pipeline.shards import list_shards, read_classes
 from pipeline.student import save_checkpoint
-from pipeline.teacher import Teacher, build_model
+from pipeline.teacher import Teacher, TeacherSpec, build_model, resolve_teacher
 from pipeline.training import decay_groups, learning_rate
 from pipeline.views import apply_view, normalize_pixels, sample_view_params
 
@@ -97,16 +97,11 @@ def zero_shot_accuracy(teacher: Teacher, config: DemoTeacherConfig) -> dict[str,
     return results
 
 
-def check_arch(config: DemoTeacherConfig) -> None:
-    """`arch` must name the config file's architecture (a JSON without "arch" is open_clip's two-tower)."""
-    path = Path(config.config)
-    try:
-        kind = json.loads(path.read_text()).get("arch", "two-tower")
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PipelineError(f"{path}: not a readable JSON model config ({err}) (option --config)") from None
-    if kind != config.arch:
-        raise PipelineError(f"option --arch {config.arch}: {path} is a {kind} model config; pass the "
-                            f"config of a {config.arch} model, or --arch {kind}")
+def check_arch(config: DemoTeacherConfig, spec: TeacherSpec) -> None:
+    """`arch` must name the architecture of the config file (`spec`, resolved from it)."""
+    if spec.arch_kind != config.arch:
+        raise PipelineError(f"option --arch {config.arch}: {config.config} is a {spec.arch_kind} model config; "
+                            f"pass the config of a {config.arch} model, or --arch {spec.arch_kind}")
 
 
 def psd_alpha(config: DemoTeacherConfig, step: int) -> float:
@@ -134,11 +129,12 @@ def run(config: DemoTeacherConfig) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     list_shards(config.shards, "val")  # fail early, before training, if the shards are missing
     torch.manual_seed(config.seed)
-    check_arch(config)
     architecture = TeacherConfig(model="", pretrained="", checkpoint="", config=config.config)
     if config.init:
         architecture = replace(architecture, checkpoint=config.init)
-    model, tokenizer = build_model(architecture, allow_random=not config.init)
+    spec = resolve_teacher(architecture)
+    check_arch(config, spec)
+    model, tokenizer = build_model(architecture, allow_random=not config.init, spec=spec)
     side = int(model.visual.image_size[0] if isinstance(model.visual.image_size, tuple)
                else model.visual.image_size)
     mean = torch.tensor(model.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1)
