@@ -19,7 +19,7 @@ def test_a_few_steps_save_a_teacher_and_report_the_homonyms(demo_shards, tmp_pat
     config_file, _ = make_tiny_teacher(tmp_path / "arch")
     out = tmp_path / "teacher.safetensors"
     config = stage_config("demo_teacher", shards=str(demo_shards), config=str(config_file), out=str(out),
-                          init="", steps=3, batch_size=8, warmup_steps=1, workers=0, eval_every=0)
+                          arch="two-tower", init="", steps=3, batch_size=8, warmup_steps=1, workers=0, eval_every=0)
     metrics = demo_teacher.run(config)
     assert metrics["steps"] == 3 and len(metrics["history"]) == 1
     saved = json.loads(out.with_suffix(".metrics.json").read_text())
@@ -42,7 +42,7 @@ def test_psd_objective_ramps_alpha_and_trains_a_loadable_teacher(demo_shards, tm
     config_file, _ = make_tiny_teacher(tmp_path / "arch")
     out = tmp_path / "psd.safetensors"
     config = stage_config("demo_teacher", shards=str(demo_shards), config=str(config_file), out=str(out),
-                          init="", steps=4, batch_size=8, warmup_steps=1, workers=0, eval_every=0,
+                          arch="two-tower", init="", steps=4, batch_size=8, warmup_steps=1, workers=0, eval_every=0,
                           objective="psd", psd_rho=1.0, psd_alpha_max=0.4, psd_ramp=0.5, caption_noise=0.3)
     metrics = demo_teacher.run(config)
     assert metrics["objective"] == "psd" and metrics["caption_noise"] == 0.3

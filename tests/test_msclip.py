@@ -230,7 +230,8 @@ def open_clip_tokens(model: MSCLIP) -> torch.Tensor:
 def test_the_demo_config_trains_saves_as_fp16_and_loads_back(tmp_path):
     model = demo_model()
     assert model.visual.image_size == (64, 64) and model.visual.output_dim == 128
-    assert model.text_projection.shape == (128, 128) and model.context_length == 32
+    settings = json.loads(DEMO_CONFIG.read_text())
+    assert model.text_projection.shape == (settings["width"], 128) and model.context_length == 32
     images, text = normalised(model, pixels(4, 64)), open_clip_tokens(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
