@@ -5,7 +5,8 @@ precompute (shared between rows with the same precompute settings), distill and 
 the supervised reference) into data/ablation/<row>/, and the script prints a markdown table of
 the student's linear and zero-shot top-1 with the cache's bytes per view, and writes
 metrics/ablation.json. Rows already done (their probe.json exists) are not run again, so an
-interrupted ablation continues where it stopped.
+interrupted ablation continues where it stopped; a row whose resolved settings changed (its
+overrides, params.yaml's defaults, the teacher) runs again.
 
     python scripts/ablation.py                 # all rows
     python scripts/ablation.py --rows "V = 1"  # some rows
@@ -25,13 +26,14 @@ import hashlib
 import json
 import logging
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
 from pipeline.atomic import write_json
 from pipeline.cache import TeacherCache, stored_bytes_per_view
-from pipeline.config import DEFAULT_PARAMS, load_config, override
+from pipeline.config import DEFAULT_PARAMS, load_config, override, to_dict
 from pipeline.errors import PipelineError
 from stages import demo_teacher, distill, precompute, probe
 
@@ -82,24 +84,33 @@ def run_row(name: str, overrides: dict[str, object], params: Path) -> dict[str, 
     teacher = row_teacher(overrides, params)
     teacher_metrics = teacher.pop("_metrics", None)
     overrides = {**overrides, **teacher}
-    cache_key = settings_key(overrides, ("precompute.", "prompts.", "teacher."))
+    # the teacher the cache is made with, also when it is params.yaml's: a new default teacher
+    # gets new caches instead of reusing the previous teacher's
+    default_teacher = {f"teacher.{k}": v for k, v in asdict(load_config("precompute", params).teacher).items()}
+    cache_key = settings_key({**default_teacher, **overrides}, ("precompute.", "prompts.", "teacher."))
     cache_path = OUT / "caches" / f"{cache_key}.h5"
     if not cache_path.is_file():
         config = override(load_config("precompute", params), {
             **stage_changes(overrides, "precompute"), "out": str(cache_path),
             "metrics": str(cache_path.with_suffix(".json"))})
         precompute.run(config)
-    if not result_path.is_file():
-        config = override(load_config("distill", params), {
-            **stage_changes(overrides, "distill"), "train.cache": str(cache_path),
-            "out": str(row_dir / "student.pt"), "run_dir": str(row_dir / "run"),
-            "metrics": str(row_dir / "distill.json"), "plot": str(row_dir / "distill.csv")})
-        distill.run(config)
-        config = override(load_config("probe", params), {
-            **stage_changes(overrides, "probe"), "cache": str(cache_path),
-            "student": str(row_dir / "student.pt"), "supervised": "", "out": str(result_path),
-            "plots": str(row_dir), "distill_csv": str(row_dir / "distill.csv")})
-        probe.run(config)
+    distill_config = override(load_config("distill", params), {
+        **stage_changes(overrides, "distill"), "train.cache": str(cache_path),
+        "out": str(row_dir / "student.pt"), "run_dir": str(row_dir / "run"),
+        "metrics": str(row_dir / "distill.json"), "plot": str(row_dir / "distill.csv")})
+    probe_config = override(load_config("probe", params), {
+        **stage_changes(overrides, "probe"), "cache": str(cache_path),
+        "student": str(row_dir / "student.pt"), "supervised": "", "out": str(result_path),
+        "plots": str(row_dir), "distill_csv": str(row_dir / "distill.csv")})
+    # A finished row is reused only while its resolved settings (and so its cache) are the same:
+    # after a change of params.yaml's defaults the row runs again.
+    stamp = json.loads(json.dumps({"distill": to_dict(distill_config), "probe": to_dict(probe_config)}))
+    stamp_path = row_dir / "settings.json"
+    if not (result_path.is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp):
+        result_path.unlink(missing_ok=True)
+        distill.run(distill_config)
+        probe.run(probe_config)
+        write_json(stamp_path, stamp)
     header = TeacherCache(cache_path).header
     metrics = json.loads(result_path.read_text())
     result = {

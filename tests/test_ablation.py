@@ -18,7 +18,7 @@ def write_tiny_params(tmp_path, demo_shards, tiny_teacher, views: int) -> None:
     params["teacher"].update(config=str(config), checkpoint=str(weights))
     params["prompts"].update(plain_templates=str(ROOT / params["prompts"]["plain_templates"]),
                              cpa_templates=str(ROOT / params["prompts"]["cpa_templates"]))
-    params["demo_teacher"].update(shards=str(demo_shards), config=str(config), steps=2, batch_size=8,
+    params["demo_teacher"].update(shards=str(demo_shards), config=str(config), arch="two-tower", steps=2, batch_size=8,
                                   warmup_steps=1, eval_every=0, workers=0, init="")
     params["precompute"].update(shards=str(demo_shards), views=views, batch_size=64, workers=0)
     params["train"].update(shards=str(demo_shards), image_size=32, epochs=1, batch_size=16, workers=0)
@@ -52,6 +52,12 @@ def test_two_rows_run_and_share_nothing_they_should_not(demo_shards, tiny_teache
     # a second run reuses the finished rows
     again = run_ablation(tmp_path, rows, "ablation.json", timeout=120)
     assert again.returncode == 0 and "distill" not in again.stderr
+    # a changed default in params.yaml (here the student's batch) runs the rows again, on the same caches
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["train"]["batch_size"] = 8
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    changed = run_ablation(tmp_path, {"baseline": {}}, "ablation.json", timeout=300)
+    assert changed.returncode == 0 and "distill epoch 1" in changed.stderr and "precompute" not in changed.stderr
 
 
 def test_teacher_rows_pre_train_their_own_teacher_and_report_it(demo_shards, tiny_teacher, tmp_path):
