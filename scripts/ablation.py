@@ -68,9 +68,12 @@ def row_teacher(overrides: dict[str, object], params: Path) -> dict[str, object]
     that select it, plus its training metrics under "_metrics"."""
     if not any(k.startswith("demo_teacher.") for k in overrides):
         return {}
-    out = OUT / "teachers" / f"{settings_key(overrides, ('demo_teacher.',))}.safetensors"
-    config = override(load_config("demo_teacher", params), {**stage_changes(overrides, "demo_teacher"),
-                                                            "out": str(out)})
+    config = override(load_config("demo_teacher", params), stage_changes(overrides, "demo_teacher"))
+    # keyed by the model config's content too: an edited config file is another teacher
+    content = hashlib.sha256(Path(config.config).read_bytes()).hexdigest()
+    key = settings_key({**overrides, "demo_teacher.config_sha256": content}, ("demo_teacher.",))
+    out = OUT / "teachers" / f"{key}.safetensors"
+    config = override(config, {"out": str(out)})
     metrics_path = out.with_suffix(".metrics.json")
     if not metrics_path.is_file():
         demo_teacher.run(config)

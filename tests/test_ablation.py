@@ -74,3 +74,13 @@ def test_teacher_rows_pre_train_their_own_teacher_and_report_it(demo_shards, tin
     assert len(list((tmp_path / "data/ablation/caches").glob("*.h5"))) == 2
     identities = {json.loads(t.with_suffix(".metrics.json").read_text())["identity"] for t in teachers}
     assert len(identities) == 2
+    # a row whose model config file is edited in place pre-trains another teacher (not the stale one)
+    config_file, _ = tiny_teacher
+    copy = tmp_path / "config-copy.json"
+    copy.write_text(config_file.read_text())
+    rows = {"clip": {"demo_teacher.objective": "clip", "demo_teacher.config": str(copy)}}
+    assert run_ablation(tmp_path, rows, "teachers.json").returncode == 0
+    copy.write_text(json.dumps({**json.loads(config_file.read_text()), "embed_dim": 16}))
+    again = run_ablation(tmp_path, rows, "teachers.json")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len(list((tmp_path / "data/ablation/teachers").glob("*.safetensors"))) == 4
