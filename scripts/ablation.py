@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import asdict
 from pathlib import Path
 
 import yaml
@@ -35,6 +34,7 @@ from pipeline.atomic import write_json
 from pipeline.cache import TeacherCache, stored_bytes_per_view
 from pipeline.config import DEFAULT_PARAMS, load_config, override, to_dict
 from pipeline.errors import PipelineError
+from pipeline.teacher import teacher_identity
 from stages import demo_teacher, distill, precompute, probe
 
 OUT = Path("data/ablation")
@@ -87,16 +87,15 @@ def run_row(name: str, overrides: dict[str, object], params: Path) -> dict[str, 
     teacher = row_teacher(overrides, params)
     teacher_metrics = teacher.pop("_metrics", None)
     overrides = {**overrides, **teacher}
-    # the teacher the cache is made with, also when it is params.yaml's: a new default teacher
-    # gets new caches instead of reusing the previous teacher's
-    default_teacher = {f"teacher.{k}": v for k, v in asdict(load_config("precompute", params).teacher).items()}
-    cache_key = settings_key({**default_teacher, **overrides}, ("precompute.", "prompts.", "teacher."))
+    precompute_config = override(load_config("precompute", params), stage_changes(overrides, "precompute"))
+    # keyed by the teacher's identity (weights' checksum, architecture), also when it is
+    # params.yaml's: a new or retrained teacher gets new caches, never the previous teacher's
+    cache_key = settings_key({**overrides, "teacher.identity": teacher_identity(precompute_config.teacher)},
+                             ("precompute.", "prompts.", "teacher."))
     cache_path = OUT / "caches" / f"{cache_key}.h5"
     if not cache_path.is_file():
-        config = override(load_config("precompute", params), {
-            **stage_changes(overrides, "precompute"), "out": str(cache_path),
-            "metrics": str(cache_path.with_suffix(".json"))})
-        precompute.run(config)
+        precompute.run(override(precompute_config, {"out": str(cache_path),
+                                                    "metrics": str(cache_path.with_suffix(".json"))}))
     distill_config = override(load_config("distill", params), {
         **stage_changes(overrides, "distill"), "train.cache": str(cache_path),
         "out": str(row_dir / "student.pt"), "run_dir": str(row_dir / "run"),

@@ -21,7 +21,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 # Measured on a fresh clone (2-core CPU): seconds of each stage of the default demo.
-STAGE_SECONDS = {"shards": 12, "precompute": 38, "distill": 178, "supervised": 195, "probe": 84}
+STAGE_SECONDS = {"shards": 11, "precompute": 37, "distill": 167, "supervised": 161, "probe": 74}
 
 
 def clock(seconds: float) -> str:
