@@ -74,9 +74,13 @@ class Student(nn.Module):
         """Pooled backbone features (before the head) of uint8 views or images in [0, 1]."""
         return self.backbone(normalize_pixels(pixels, self.mean, self.std))
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        out = self.head(self.features(pixels))
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """The head's output for pooled features (what `forward` returns for their pixels)."""
+        out = self.head(features)
         return F.normalize(out, dim=-1) if self.normalize_output else out
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.features(pixels))
 
 
 def student_spec(model_config: dict[str, Any]) -> dict[str, Any]:

@@ -64,6 +64,26 @@ def embedding_encoder(model: Student, device: torch.device):
     return encode
 
 
+def backbone_and_embedding_encoders(model: Student, device: torch.device):
+    """`backbone_encoder` and `embedding_encoder` of one model that share its backbone pass: the
+    embedding encoder, called on the very batch the backbone encoder just saw, only runs the head."""
+    model = model.to(device).eval()
+    last: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def features(pixels: torch.Tensor) -> torch.Tensor:
+        last["pixels"], last["features"] = pixels, model.features(pixels.to(device))
+        return last["features"]
+
+    @torch.no_grad()
+    def embeddings(pixels: torch.Tensor) -> torch.Tensor:
+        if last.get("pixels") is not pixels:
+            return model(pixels.to(device))
+        return model.embed(last.pop("features"))
+
+    return features, embeddings
+
+
 def random_init_like(checkpoint: dict[str, Any]) -> Student:
     """The distilled student's architecture, initialised as distill initialised it (same seed)."""
     torch.manual_seed(int(checkpoint["params"]["train"]["seed"]))
@@ -130,8 +150,10 @@ def features_and_zero_shot(config: ProbeConfig, cache: TeacherCache, classes: li
     if config.supervised:
         backbones["supervised"] = load_student(config.supervised)[0]
     encoders = {name: (size, backbone_encoder(model, device)) for name, model in backbones.items()}
+    student_features, student_embeddings = backbone_and_embedding_encoders(student, device)
+    encoders["student"] = (size, student_features)  # one backbone pass for both student rows
     encoders["teacher"] = (teacher.image_size, teacher.encode_image)
-    encoders["student_embedding"] = (size, embedding_encoder(student, device))
+    encoders["student_embedding"] = (size, student_embeddings)
     dims = {"teacher": teacher.embed_dim, **{name: model.feature_dim for name, model in backbones.items()},
             "student_embedding": int(checkpoint["model"]["out_dim"])}
     train_shards = list_shards(config.shards, "train")

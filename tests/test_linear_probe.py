@@ -199,3 +199,22 @@ def test_errors_name_the_argument():
     x_inf[-1, -1] = float("inf")  # in the last of several chunks
     with pytest.raises(ValueError, match="val_features"):
         linear_probe(x_train, y_train, x_inf, y_val, 10, chunk_rows=7)
+
+
+def test_shared_student_pass_gives_both_encoders_exact_outputs():
+    """probe runs the student's backbone once for its pooled-feature and embedding rows: both equal
+    what separate passes give, and a batch the backbone encoder did not see gets a full pass."""
+    from pipeline.student import Student
+    from stages.probe import backbone_and_embedding_encoders
+
+    torch.manual_seed(0)
+    model = Student("resnet18", 16, head="mlp", head_hidden=32).eval()
+    features, embeddings = backbone_and_embedding_encoders(model, torch.device("cpu"))
+    pixels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    other = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        expected_features, expected_embeddings = model.features(pixels), model(pixels)
+        expected_other = model(other)
+    assert torch.equal(features(pixels), expected_features)
+    assert torch.equal(embeddings(pixels), expected_embeddings)
+    assert torch.equal(embeddings(other), expected_other)
