@@ -93,7 +93,8 @@ def test_a_few_epochs_lower_the_loss_and_raise_agreement(demo_shards, demo_cache
     first, last = (dict(zip(rows[0].split(","), map(float, r.split(",")), strict=True)) for r in (rows[1], rows[3]))
     assert last["loss"] < 0.7 * first["loss"]
     assert last["agreement"] > first["agreement"]
-    assert metrics["epochs"] == 3 and metrics["final_loss"] == pytest.approx(last["loss"], rel=1e-5)
+    # the CSV rounds to 6 decimals (write_history_csv)
+    assert metrics["epochs"] == 3 and metrics["final_loss"] == pytest.approx(last["loss"], abs=1e-6)
     checkpoint = torch.load(tmp_path / "student.pt", weights_only=True)
     assert {"state_dict", "model", "anchor_digest", "params", "image_size"} <= set(checkpoint)
     model, _ = load_student(tmp_path / "student.pt")
