@@ -56,17 +56,10 @@ def backbone_encoder(model: Student, device: torch.device):
     return encode
 
 
-def embedding_encoder(model: Student, device: torch.device):
-    @torch.no_grad()
-    def encode(pixels: torch.Tensor) -> torch.Tensor:
-        return model(pixels.to(device))
-
-    return encode
-
-
 def backbone_and_embedding_encoders(model: Student, device: torch.device):
-    """`backbone_encoder` and `embedding_encoder` of one model that share its backbone pass: the
-    embedding encoder, called on the very batch the backbone encoder just saw, only runs the head."""
+    """A model's pooled-feature encoder and embedding encoder, sharing its backbone pass: the
+    embedding encoder, called on the very batch the feature encoder just saw, only runs the head
+    (on another batch, the whole model)."""
     model = model.to(device).eval()
     last: dict[str, torch.Tensor] = {}
 
@@ -149,9 +142,11 @@ def features_and_zero_shot(config: ProbeConfig, cache: TeacherCache, classes: li
     backbones = {"student": student, "random_init": random_init_like(checkpoint)}
     if config.supervised:
         backbones["supervised"] = load_student(config.supervised)[0]
-    encoders = {name: (size, backbone_encoder(model, device)) for name, model in backbones.items()}
     student_features, student_embeddings = backbone_and_embedding_encoders(student, device)
-    encoders["student"] = (size, student_features)  # one backbone pass for both student rows
+    # the student first: its embedding row (last) reuses this backbone pass
+    encoders = {"student": (size, student_features)}
+    encoders.update({name: (size, backbone_encoder(model, device))
+                     for name, model in backbones.items() if name != "student"})
     encoders["teacher"] = (teacher.image_size, teacher.encode_image)
     encoders["student_embedding"] = (size, student_embeddings)
     dims = {"teacher": teacher.embed_dim, **{name: model.feature_dim for name, model in backbones.items()},
