@@ -34,7 +34,7 @@ from pipeline.config import TrainConfig, to_dict, write_resolved
 from pipeline.errors import PipelineError
 from pipeline.progress import Progress
 from pipeline.shards import MixedBatches, Sample, iterate_batches
-from pipeline.student import Student, build_student, save_checkpoint
+from pipeline.student import Student, build_student, save_checkpoint, student_input
 from pipeline.teacher import autocast, resolve_device
 from pipeline.views import apply_view
 
@@ -386,8 +386,7 @@ def train_step(
     precision: str = "bf16",
 ) -> dict[str, torch.Tensor]:
     """One optimisation step on a batch (channels_last; bf16 autocast on GPU and native-bf16 CPUs)."""
-    # uint8 views; the model normalises them (normalize_pixels keeps channels_last)
-    pixels = batch["pixels"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    pixels = student_input(batch["pixels"], device)  # uint8 views: the model normalises them
     with autocast(device, precision, cpu=True):
         output = model(pixels)
     terms = objective.loss(output.float(), {**to_device(batch, device), "anchors": anchors})

@@ -36,7 +36,7 @@ from pipeline.linear_probe import DEFAULT_WEIGHT_DECAYS, linear_probe, probe_mem
 from pipeline.progress import Progress
 from pipeline.prompts import class_anchors
 from pipeline.shards import ClassInfo, list_shards, manifest_rows, read_classes, sample_count
-from pipeline.student import Student, build_student, load_student
+from pipeline.student import Student, build_student, load_student, student_input
 from pipeline.teacher import autocast, load_teacher, resolve_device
 
 log = logging.getLogger(__name__)
@@ -46,11 +46,6 @@ FEATURE_DTYPE = torch.float16  # stored features: half of float32; the fits conv
 ZERO_SHOT_ROWS = 4096  # val rows scored at a time (the scores are rows x classes)
 
 
-def on_device(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # channels_last: measured here, a ResNet-18 forward at 64 px runs 1620 img/s in bf16 with it, 980 without
-    return pixels.to(device).contiguous(memory_format=torch.channels_last)
-
-
 def backbone_encoder(model: Student, device: torch.device, precision: str = "fp32"):
     """A model's pooled-feature encoder (float32 out; under bf16 autocast with `precision` bf16)."""
     model = model.to(device, memory_format=torch.channels_last).eval()
@@ -58,7 +53,7 @@ def backbone_encoder(model: Student, device: torch.device, precision: str = "fp3
     @torch.no_grad()
     def encode(pixels: torch.Tensor) -> torch.Tensor:
         with autocast(device, precision, cpu=True):
-            return model.features(on_device(pixels, device)).float()
+            return model.features(student_input(pixels, device)).float()
 
     return encode
 
