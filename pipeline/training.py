@@ -34,7 +34,7 @@ from pipeline.config import TrainConfig, to_dict, write_resolved
 from pipeline.errors import PipelineError
 from pipeline.progress import Progress
 from pipeline.shards import MixedBatches, Sample, iterate_batches
-from pipeline.student import Student, build_student, save_checkpoint, student_input
+from pipeline.student import Student, build_student, save_checkpoint, student_input, student_on
 from pipeline.teacher import autocast, resolve_device
 from pipeline.views import apply_view
 
@@ -203,8 +203,7 @@ def train(
     process = distributed.start(resolve_device(config.device))
     device = distributed.local_device(resolve_device(config.device), process)
     torch.manual_seed(config.seed)  # every process starts from the same weights
-    # channels_last is faster for convolutions on GPU and, measured here, on CPU too (+20%).
-    model = build_student(objective.model_spec).to(device, memory_format=torch.channels_last)
+    model = student_on(build_student(objective.model_spec), device)
     optimizer = make_optimizer(model, config)
     steps_per_epoch = math.ceil(cache.num_images / (config.batch_size * process.world))
     total_steps = steps_per_epoch * config.epochs

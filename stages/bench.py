@@ -32,7 +32,7 @@ from pipeline.errors import PipelineError
 from pipeline.losses import csm_loss
 from pipeline.prompts import anchor_embeddings
 from pipeline.shards import MixedBatches, Sample, ShardBatches, iterate_batches, list_shards
-from pipeline.student import build_student
+from pipeline.student import build_student, student_on
 from pipeline.teacher import Teacher, load_teacher, resolve_device
 from pipeline.training import MIN_BATCH, Objective, ReplayViews, make_optimizer, train_step
 from pipeline.views import apply_view, sample_view_params, view_rng
@@ -87,7 +87,7 @@ def student_trainer(config: BenchConfig, out_dim: int, device: torch.device):
     torch.manual_seed(0)
     model = build_student({"arch": config.train.arch, "out_dim": out_dim, "head": config.train.head,
                            "head_hidden": config.train.head_hidden, "normalize_output": True})
-    model = model.to(device, memory_format=torch.channels_last)
+    model = student_on(model, device)
     model.train()
     return model, make_optimizer(model, config.train)
 

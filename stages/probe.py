@@ -36,7 +36,7 @@ from pipeline.linear_probe import DEFAULT_WEIGHT_DECAYS, linear_probe, probe_mem
 from pipeline.progress import Progress
 from pipeline.prompts import class_anchors
 from pipeline.shards import ClassInfo, list_shards, manifest_rows, read_classes, sample_count
-from pipeline.student import Student, build_student, load_student, student_input
+from pipeline.student import Student, build_student, load_student, student_input, student_on
 from pipeline.teacher import autocast, load_teacher, resolve_device
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ ZERO_SHOT_ROWS = 4096  # val rows scored at a time (the scores are rows x classe
 
 def backbone_encoder(model: Student, device: torch.device, precision: str = "fp32"):
     """A model's pooled-feature encoder (float32 out; under bf16 autocast with `precision` bf16)."""
-    model = model.to(device, memory_format=torch.channels_last).eval()
+    model = student_on(model, device).eval()
 
     @torch.no_grad()
     def encode(pixels: torch.Tensor) -> torch.Tensor:
