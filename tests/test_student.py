@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline.student import MATMUL_CONV_MAX_POSITIONS, MatmulConv2d, Student, build_student, student_on
@@ -72,9 +71,9 @@ def test_matmul_conv_under_bf16_autocast_is_as_accurate_as_the_bf16_convolution(
         return out.float(), inp.grad, module.weight.grad.clone()
 
     exact = run(conv, bf16=False)
-    errors = {name: [float((a - b).norm() / b.norm()) for a, b in zip(run(module, bf16=True), exact)]
+    errors = {name: [float((a - b).norm() / b.norm()) for a, b in zip(run(module, bf16=True), exact, strict=True)]
               for name, module in (("conv", conv), ("matmul", matmul))}
-    for conv_error, matmul_error in zip(errors["conv"], errors["matmul"]):
+    for conv_error, matmul_error in zip(errors["conv"], errors["matmul"], strict=True):
         assert 0 < matmul_error <= 1.1 * conv_error, errors  # > 0: bf16 did run
         assert matmul_error < 1e-2, errors
 
