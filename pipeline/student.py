@@ -85,8 +85,9 @@ class Student(nn.Module):
 
 #: On the CPU, convolutions with at most this many output positions run as one matrix product
 #: (MatmulConv2d). Measured (ResNet-18 training step at 64 px, batch 64, 2 threads, bf16): 2 x 2
-#: outputs (layer4) as matrix products 410 images/s against 308 for oneDNN's convolutions; adding
-#: layer3's 4 x 4 gives 355, layer2's 8 x 8 266. Larger maps (e.g. layer4 at 224 px: 7 x 7) stay
+#: outputs (layer4) as matrix products 424 images/s against 305 for oneDNN's convolutions; with
+#: layer3's 4 x 4 as well 355, with layer2's 8 x 8 too 266 (those two with an earlier version that
+#: unfolded in bf16, 410 images/s at this line). Larger maps (e.g. layer4 at 224 px: 7 x 7) stay
 #: convolutions.
 MATMUL_CONV_MAX_POSITIONS = 4
 
