@@ -21,7 +21,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 # Measured on a fresh clone (2-core CPU): seconds of each stage of the default demo.
-STAGE_SECONDS = {"shards": 9, "precompute": 20, "distill": 195, "supervised": 191, "probe": 31}
+STAGE_SECONDS = {"shards": 10, "precompute": 25, "distill": 198, "supervised": 190, "probe": 30}
 
 
 def clock(seconds: float) -> str:
