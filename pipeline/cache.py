@@ -1,6 +1,6 @@
 """The teacher cache: one HDF5 file and its parts, the layout defined here for writer and reader alike.
 
-Layout (FORMAT_VERSION 2):
+Layout (FORMAT_VERSION 3):
 
   /  attributes: format_version, teacher_identity, embed_dim, teacher_image_size,
                  teacher_mean, teacher_std, views_per_image, view_fields, crop_scale,
@@ -15,6 +15,12 @@ Layout (FORMAT_VERSION 2):
   views/similarities (N*V, K) float16           -- when topk == 0: cosine to every anchor
   views/topk_index (N*V, k) uint16|int32, views/topk_similarity (N*V, k) float16  -- topk > 0
   views/embeddings (N*V, D) float16  -- optional teacher image embeddings
+
+`teacher_identity` is `pipeline.teacher`'s: the weights' sha256 (and a tag's download source),
+architecture and preprocessing digests, activation and the precision the teacher ran at, with
+the names it was given; `require` compares what decides the outputs, never the names.
+`prompt_digest` covers the prompt strings, their classes and the anchor mode (version 2 also
+mixed in the teacher's names, so a renamed checkpoint no longer fitted its own cache).
 
 Images are stored shard by shard, in shard order. A shard's view rows are one contiguous
 slice and, within it, view-major: row `start*V + v*count + j` is view v of the shard's j-th
@@ -47,6 +53,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -63,7 +70,9 @@ from pipeline.progress import Progress
 from pipeline.shards import shard_list_digest
 from pipeline.views import VIEW_FIELDS
 
-FORMAT_VERSION = 2
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 3
 STR = h5py.string_dtype(encoding="utf-8")
 DIGEST = "S64"  # a sha256 in hex
 REQUIRED = ("prompts/text", "prompts/class", "prompts/embeddings", "anchors/embeddings", "anchors/class",
@@ -455,19 +464,21 @@ class TeacherCache:
                 embeddings: bool = False, fix: str = "re-run precompute") -> None:
         """The one check that this cache fits a run: every stage that reads a cache asks it.
 
-        Checks what is given: the teacher build (identity), the prompt set and anchors (digest;
+        Checks what is given: the teacher (by what decides its outputs, `teacher.identity_difference`:
+        a renamed file or another spelling of the model is the same teacher), the prompt set (digest;
         `prompts` describes the params' side in the message), the shard list (names and
         contents), labels on every image, stored teacher image embeddings. A mismatch is a
         one-line PipelineError saying what differs and `fix`.
         """
         header = self.header
-        if teacher_identity is not None and header.teacher_identity != teacher_identity:
-            from pipeline.teacher import identity_difference
+        if teacher_identity is not None:
+            from pipeline.teacher import identity_difference, identity_warnings
 
-            raise PipelineError(
-                f"{self.path}: made by teacher build differing from the params' "
-                f"({identity_difference(header.teacher_identity, teacher_identity)}); {fix}"
-            )
+            difference = identity_difference(header.teacher_identity, teacher_identity)
+            if difference:
+                raise PipelineError(f"{self.path}: made by another teacher than the params' ({difference}); {fix}")
+            for warning in identity_warnings(header.teacher_identity, teacher_identity):
+                log.warning("%s: %s", self.path, warning)
         if prompt_digest is not None and header.prompt_digest != prompt_digest:
             raise PipelineError(
                 f"{self.path}: anchor digest {header.prompt_digest[:12]} ({header.prompt_set} prompts, "
@@ -492,6 +503,19 @@ class TeacherCache:
             raise PipelineError(
                 f"{self.path}: holds no teacher image embeddings; re-run precompute with --store-embeddings"
             )
+
+    def require_student(self, path: str | Path, checkpoint: dict[str, Any], fix: str) -> None:
+        """A distilled student's checkpoint must record this cache's prompt set and teacher (by content)."""
+        from pipeline.teacher import identity_difference
+
+        if checkpoint.get("anchor_digest") != self.header.prompt_digest:
+            raise PipelineError(f"{path}: distilled against another prompt set than {self.path}'s "
+                                f"(anchor digest {str(checkpoint.get('anchor_digest'))[:12]}, cache "
+                                f"{self.header.prompt_digest[:12]}); {fix}")
+        difference = identity_difference(self.header.teacher_identity, checkpoint.get("teacher_identity", ""),
+                                         sides=("cache", "student"))
+        if difference:
+            raise PipelineError(f"{path}: distilled from another teacher than {self.path}'s ({difference}); {fix}")
 
     @property
     def file(self) -> h5py.File:

@@ -7,24 +7,39 @@
   nuisance attributes. A class without contexts falls back to the plain templates.
 - Anchors: `class` mode gives one anchor per class, the mean of its prompt embeddings
   re-normalised; `prompt` mode keeps every prompt as its own anchor.
-The digest of a prompt set (strings, their classes, the anchor mode and the teacher
-identity) is recorded in the cache and checked by stage two.
+The digest of a prompt set (strings, their classes, the anchor mode) is recorded in the cache
+and checked by stage two, beside the teacher's identity.
+
+Encoding a prompt set is the one slow step before precompute's first view (ImageNet's CPA set
+is tens of thousands of prompts: most of an hour on a CPU): `encode_prompts` shows its
+progress and keeps the embeddings in a store beside the cache (`prompt-embeddings/`), keyed by
+the teacher's content identity and the strings, so a second run with the same teacher and
+prompts reads them back instead.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline import atomic
 from pipeline.config import PromptsConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, reason
+from pipeline.progress import Progress
 from pipeline.shards import ClassInfo
+from pipeline.teacher import content_identity
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -85,18 +100,64 @@ def build_prompt_set(classes: Sequence[ClassInfo], config: PromptsConfig) -> Pro
     return PromptSet(tuple(prompts), tuple(prompt_classes), len(classes), config.anchors)
 
 
-def prompt_set_digest(prompt_set: PromptSet, teacher_identity: str) -> str:
-    """sha256 over the prompt strings, their classes, the anchor mode and the teacher."""
+def prompt_set_digest(prompt_set: PromptSet) -> str:
+    """sha256 over the prompt strings, their classes and the anchor mode. The teacher is checked
+    on its own (`TeacherCache.require`), by content, so that a renamed weights file still fits."""
     payload = json.dumps(
-        {
-            "prompts": prompt_set.prompts,
-            "classes": prompt_set.prompt_classes,
-            "anchors": prompt_set.anchors,
-            "teacher": teacher_identity,
-        },
+        {"prompts": prompt_set.prompts, "classes": prompt_set.prompt_classes, "anchors": prompt_set.anchors},
         ensure_ascii=False,
     )
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+STORE_DIR = "prompt-embeddings"
+
+
+def prompt_store(cache_path: str | Path) -> Path:
+    """The directory beside a cache file where encoded prompt sets are kept."""
+    return Path(cache_path).parent / STORE_DIR
+
+
+def encode_prompts(teacher, prompts: Sequence[str], store: Path | None, what: str = "prompts") -> torch.Tensor:
+    """The teacher's (P, D) unit-norm text embeddings of `prompts`, on the CPU.
+
+    Read from `store` when an earlier run encoded the same strings with the same teacher
+    (`teacher.content_identity`: weights, architecture, preprocessing, precision, open_clip release);
+    otherwise encoded with a progress bar (or periodic log lines) and saved there atomically.
+    """
+    prompts = list(prompts)
+    key = hashlib.sha256(json.dumps([content_identity(teacher.identity), prompts],
+                                    ensure_ascii=False).encode()).hexdigest()[:24]
+    path = store / f"{key}.npy" if store is not None else None
+    if path is not None and path.is_file():
+        started = time.perf_counter()
+        try:
+            embeddings = np.load(path)
+        except (OSError, ValueError) as err:
+            log.warning("%s: unreadable (%s); encoding the prompts again", path, err)
+        else:
+            if embeddings.shape[0] == len(prompts):
+                log.info("%s: %d prompt embeddings read from %s in %.2f s (same teacher and strings)", what,
+                         len(prompts), path, time.perf_counter() - started)
+                return torch.from_numpy(embeddings)
+    log.info("%s: encoding %d prompts with the teacher", what, len(prompts))
+    with Progress(len(prompts), what, "prompt") as progress:
+        embeddings = teacher.encode_text(prompts, progress=progress).cpu()
+    if path is not None:
+        keep(path, embeddings)
+    return embeddings
+
+
+def keep(path: Path, embeddings: torch.Tensor) -> None:
+    """Save encoded prompts in the store (atomically); a store that cannot be written (a full disk)
+    only costs the next run the encoding: a warning, not a failure of the stage."""
+    buffer = io.BytesIO()
+    np.save(buffer, embeddings.numpy().astype(np.float32))
+    try:
+        atomic.write_bytes(path, buffer.getbuffer())
+    except (OSError, PipelineError) as err:
+        log.warning("%s: prompt embeddings not kept (%s); the next run encodes them again", path, reason(err))
+
 
 
 def class_anchors(encode_text, classes: Sequence[ClassInfo], config: PromptsConfig, prompt_set: str) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torchvision
 from torch import nn
 
 from pipeline.atomic import write_bytes
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, reason
 from pipeline.views import normalize_pixels
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -170,6 +170,5 @@ def load_student(path: str | Path) -> tuple[Student, dict[str, Any]]:
         model.load_state_dict(checkpoint["state_dict"])
     except (KeyError, RuntimeError, OSError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as err:
         # weights_only=True: a pickle that would run code is refused here, never executed
-        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        raise PipelineError(f"{path}: not a student checkpoint ({reason})") from None
+        raise PipelineError(f"{path}: not a student checkpoint ({reason(err)})") from None
     return model.eval(), checkpoint

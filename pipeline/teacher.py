@@ -20,11 +20,21 @@ file's architecture exactly, activation included (ViT-B-32-quickgelu, not ViT-B-
 open_clip's layout whose name says "openai", given with a GELU model, is refused.
 
 `resolve_teacher` settles all of that without building the model, so stage two can check a
-cache against the params. The identity records everything that decides the teacher's outputs:
-the resolved architecture and preprocessing (a digest, plus the activation spelled out), the
-weights (tag, or file name and sha256) and the open_clip release; its `arch_kind` tells an
-open_clip CLIP (`two-tower`) from an MS-CLIP (`ms-clip`). `identity_difference` says in one line
-how two identities differ.
+cache against the params. The identity (`key=value` words) records what decides the teacher's
+outputs, and only that is compared (`identity_difference`): the weights by content (their
+file's sha256; for an open_clip tag also where open_clip downloads them from, which is what is
+compared when the file is not on this machine), the resolved architecture (a digest of the
+values that differ from open_clip's defaults, so a new release's added fields leave it alone)
+with its activation spelled out, the preprocessing (a digest likewise) and, once a teacher is
+built, the precision it actually ran at. File names, model spellings (`ViT-B-32` with the
+`openai` tag is `ViT-B-32-quickgelu`) and the config file's name are recorded and shown, never
+compared. The open_clip release is recorded; a different one is a warning, not a refusal
+(`identity_warnings`): the same weights, architecture and preprocessing give the same outputs
+up to rounding. Its `arch_kind` tells an open_clip CLIP (`two-tower`) from an MS-CLIP (`ms-clip`).
+
+A teacher named by an open_clip tag is looked up in open_clip's download caches first; when it
+is not there and the hub cannot be reached (or HF_HUB_OFFLINE is set), loading fails in
+seconds with one line naming `--teacher-checkpoint`, before any download is attempted.
 
 The wrapper stays in eval mode with gradients off, takes images in [0, 1] (or uint8) at its own
 resolution and applies its own normalisation, and returns L2-normalised float32 embeddings.
@@ -37,8 +47,12 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import json
 import logging
+import os
+import socket
+import urllib.parse
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -46,17 +60,20 @@ from pathlib import Path
 from typing import Any
 
 import open_clip
+import open_clip.pretrained as open_clip_pretrained
 import torch
 import torch.nn.functional as F
+from open_clip.constants import HF_WEIGHTS_NAME
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, set_model_preprocess_cfg
-from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
+from open_clip.pretrained import get_pretrained_cfg, has_hf_hub, list_pretrained_tags_by_model
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
 from pipeline.config import TeacherConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, reason
 from pipeline.msclip import ARCH_KIND as MSCLIP_KIND
 from pipeline.msclip import MSCLIP, MSCLIP_CONFIGS, MSCLIPConfig, shared_names
 from pipeline.msclip import preprocess_cfg as msclip_preprocess_cfg
+from pipeline.progress import Progress
 from pipeline.shards import sha256_file
 from pipeline.views import normalize_pixels
 
@@ -103,6 +120,13 @@ def autocast(device: torch.device, precision: str = "bf16", cpu: bool = False) -
     return contextlib.nullcontext()
 
 
+def effective_precision(device: torch.device, precision: str) -> str:
+    """The precision a teacher's forward really runs at on `device` (see `autocast`)."""
+    if precision == "bf16" and (device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())):
+        return "bf16"
+    return "fp32"
+
+
 def is_torchscript_archive(path: Path) -> bool:
     """OpenAI's released CLIP files are TorchScript archives (zip with a code/ folder)."""
     if not zipfile.is_zipfile(path):
@@ -142,7 +166,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unreadable file: one line naming it
         raise PipelineError(
-            f"{path}: not a readable checkpoint ({str(err).splitlines()[0][:200]}) (option --teacher-checkpoint)"
+            f"{path}: not a readable checkpoint ({reason(err)}) (option --teacher-checkpoint)"
         ) from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
@@ -269,8 +293,8 @@ class TeacherSpec:
     architecture: dict[str, Any]  # model_config resolved with every default
     preprocess: dict[str, Any]  # open_clip's preprocess config: size, mean, std, interpolation, ...
     source: str  # "tag", "checkpoint", "openai-file" or "random"
-    labels: tuple[tuple[str, str], ...]  # identity fields naming the params: model/config, tag/file
-    checkpoint: Path | None = None
+    labels: tuple[tuple[str, str], ...]  # identity fields of the params: names (model/config, tag/file) and weights
+    checkpoint: Path | None = None  # the weights file: a checkpoint, or a tag's file in open_clip's download cache
     config_file: Path | None = None
     openai_state: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
@@ -284,15 +308,52 @@ class TeacherSpec:
 
     @property
     def digest(self) -> str:
-        payload = json.dumps({"architecture": self.architecture, "preprocess": self.preprocess},
-                             sort_keys=True, default=str)
-        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+        """The architecture's digest: its values that differ from open_clip's defaults."""
+        return short_digest(canonical_architecture(self.architecture))
+
+    @property
+    def preprocess_digest(self) -> str:
+        return short_digest(canonical_preprocess(self.preprocess))
 
     @property
     def identity(self) -> str:
         fields = [*self.labels, ("arch_kind", self.arch_kind), ("arch", self.digest),
-                  ("act", "quickgelu" if self.quick_gelu else "gelu"), ("open_clip", open_clip.__version__)]
+                  ("preprocess", self.preprocess_digest), ("act", "quickgelu" if self.quick_gelu else "gelu"),
+                  ("open_clip", open_clip.__version__)]
         return " ".join(f"{key}={value}" for key, value in fields)
+
+
+def short_digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def json_defaults(cls: type) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cls())))
+
+
+def without_defaults(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if k not in defaults or defaults[k] != v}
+
+
+def canonical_architecture(architecture: dict[str, Any]) -> dict[str, Any]:
+    """An open_clip architecture without the tower fields at open_clip's defaults.
+
+    The same module whether a field is written out or left to its default, and the same digest
+    after an open_clip release adds a field (its default keeps the old behaviour). MS-CLIP's
+    architecture is ours, kept whole.
+    """
+    if architecture.get("arch", TWO_TOWER_KIND) != TWO_TOWER_KIND:
+        return architecture
+    canonical = dict(architecture)
+    for key, cls in (("vision_cfg", CLIPVisionCfg), ("text_cfg", CLIPTextCfg)):
+        if isinstance(canonical.get(key), dict):
+            canonical[key] = without_defaults(canonical[key], json_defaults(cls))
+    return canonical
+
+
+def canonical_preprocess(preprocess: dict[str, Any]) -> dict[str, Any]:
+    """A preprocess config without the values at open_clip's defaults (see `canonical_architecture`)."""
+    return without_defaults(preprocess, json_defaults(PreprocessCfg))
 
 
 def preprocess_config(architecture: dict[str, Any], overlay: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -348,7 +409,7 @@ def resolve_teacher(config: TeacherConfig) -> TeacherSpec:
 
     if config.checkpoint:
         checkpoint = existing(config.checkpoint, "--teacher-checkpoint")
-        labels += [("checkpoint", checkpoint.name), ("checkpoint_sha256", sha256_file(checkpoint))]
+        labels += [("checkpoint", checkpoint.name), ("weights_sha256", sha256_file(checkpoint))]
         state = read_state_dict(checkpoint)
         if is_openai_file(checkpoint, state, named):
             return resolve_openai_file(checkpoint, state, name, named, source_name, tuple(labels), config_file)
@@ -374,13 +435,102 @@ def resolve_teacher(config: TeacherConfig) -> TeacherSpec:
         # The tag's own activation, whatever this open_clip release does by default.
         model_config = {**named, "quick_gelu": bool(tag.get("quick_gelu", False))}
         architecture = resolved_architecture(model_config, source_name)
-        labels.append(("pretrained", config.pretrained))
+        labels += [("pretrained", config.pretrained), ("weights_source", tag_source(tag))]
+        local = downloaded_tag_file(tag)
+        if local is not None:  # the weights are on this machine: their content is the identity
+            labels.append(("weights_sha256", sha256_file(local)))
         return TeacherSpec(name, model_config, architecture, preprocess_config(architecture, tag), "tag",
-                           tuple(labels))
+                           tuple(labels), checkpoint=local)
 
     architecture = resolved_architecture(named, source_name)
     return TeacherSpec(name, named, architecture, preprocess_config(architecture), "random", tuple(labels),
                        config_file=config_file)
+
+
+# --- open_clip tags: the download caches, and failing fast without a hub --------------------
+
+
+def tag_source(tag: dict[str, Any]) -> str:
+    """Where open_clip gets a tag's weights: its Hugging Face hub file when it has one (open_clip
+    prefers it), else its URL. Two tags with the same source are the same bytes."""
+    if tag.get("file"):
+        return f"file:{tag['file']}"
+    if tag.get("hf_hub") and has_hf_hub():
+        return f"hf-hub:{tag['hf_hub']}"
+    return f"url:{tag.get('url', '')}"
+
+
+def hub_candidates(hf_hub: str) -> tuple[str, list[str]]:
+    """(repo id, file names open_clip tries in order) of a tag's `hf_hub` entry."""
+    model_id, filename = os.path.split(hf_hub)
+    filename = filename or HF_WEIGHTS_NAME
+    alternatives = getattr(open_clip_pretrained, "_get_safe_alternatives", lambda name: ())
+    safe = list(alternatives(filename)) if importlib.util.find_spec("safetensors") else []
+    return model_id, [*safe, filename]
+
+
+def downloaded_tag_file(tag: dict[str, Any]) -> Path | None:
+    """The tag's weights file if open_clip's download caches hold it (no network is touched)."""
+    source = tag_source(tag)
+    if source.startswith("file:"):
+        path = Path(tag["file"]).expanduser()
+        return path if path.is_file() else None
+    if source.startswith("hf-hub:"):
+        from huggingface_hub import try_to_load_from_cache
+
+        model_id, names = hub_candidates(tag["hf_hub"])
+        for name in names:
+            found = try_to_load_from_cache(model_id, name)
+            if isinstance(found, str) and Path(found).is_file():
+                return Path(found)
+        return None
+    path = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(tag.get("url", ""))
+    return path if tag.get("url") and path.is_file() else None
+
+
+def hub_unreachable(source: str) -> str:
+    """Why the download host of `source` cannot be used now ('' when it can): HF_HUB_OFFLINE, or
+    no TCP connection within a few seconds. Checked before any download, so that an offline
+    machine fails in seconds instead of in huggingface_hub's retries."""
+    if source.startswith("hf-hub:"):
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return "HF_HUB_OFFLINE is set"
+        url = constants.ENDPOINT
+    else:
+        url = source.removeprefix("url:")
+    parsed = urllib.parse.urlparse(url)
+    host, port = parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=HUB_TIMEOUT_SECONDS).close()
+    except OSError as err:
+        return f"{host}:{port} cannot be reached ({err.strerror or err})"
+    return ""
+
+
+HUB_TIMEOUT_SECONDS = 5
+
+
+def fetch_tag_weights(spec: TeacherSpec) -> TeacherSpec:
+    """The spec with its tag's weights on this machine (downloaded by open_clip) and their sha256."""
+    if spec.checkpoint is not None:
+        return spec
+    labels = dict(spec.labels)
+    tag, source = labels["pretrained"], labels["weights_source"]
+    why = hub_unreachable(source)
+    if why:
+        raise PipelineError(
+            f"--teacher-pretrained {tag} for {spec.name}: its weights ({source}) are not in the local download "
+            f"cache and {why}; on a machine without internet pass --teacher-checkpoint FILE (the weights copied "
+            f"from a machine with internet: OpenAI's own .pt file, or the file open_clip downloaded there)"
+        )
+    try:
+        path = Path(open_clip_pretrained.download_pretrained(get_pretrained_cfg(spec.name, tag)))
+    except Exception as err:  # download errors: one line, whole
+        raise PipelineError(f"--teacher-pretrained {tag} for {spec.name}: download failed ({reason(err)}); pass "
+                            f"--teacher-checkpoint FILE, or try again") from None
+    return dataclasses.replace(spec, checkpoint=path, labels=(*spec.labels, ("weights_sha256", sha256_file(path))))
 
 
 def resolve_msclip(config: TeacherConfig, name: str, named: dict[str, Any], source_name: str,
@@ -396,7 +546,7 @@ def resolve_msclip(config: TeacherConfig, name: str, named: dict[str, Any], sour
                                 f"tags; pass the released file with --teacher-checkpoint FILE")
         return TeacherSpec(name, named, architecture, preprocess, "random", labels, config_file=config_file)
     checkpoint = existing(config.checkpoint, "--teacher-checkpoint")
-    labels += (("checkpoint", checkpoint.name), ("checkpoint_sha256", sha256_file(checkpoint)))
+    labels += (("checkpoint", checkpoint.name), ("weights_sha256", sha256_file(checkpoint)))
     return TeacherSpec(name, named, architecture, preprocess, "checkpoint", labels, checkpoint=checkpoint,
                        config_file=config_file)
 
@@ -436,10 +586,16 @@ def resolve_openai_file(checkpoint: Path, state: dict[str, torch.Tensor], name: 
 def teacher_identity(config: TeacherConfig) -> str:
     """The identity of the teacher the params name, computed without building the model.
 
-    Stage two compares it with the cache's, so it covers everything that decides the outputs
-    (see `TeacherSpec.identity`) and no directory names.
+    Stage two compares it with the cache's (`identity_difference`): it holds what decides the
+    outputs (see `TeacherSpec.identity`) besides the names, which are never compared.
     """
     return resolve_teacher(config).identity
+
+
+# Identity fields that decide the outputs, compared (the weights' by `weights_difference`); the
+# names are shown only; `open_clip` (the release) is a warning (`identity_warnings`).
+CONTENT_KEYS = ("arch_kind", "arch", "preprocess", "act")
+NAME_KEYS = ("model", "config", "pretrained", "checkpoint")
 
 
 def parse_identity(identity: str) -> dict[str, str]:
@@ -456,19 +612,63 @@ def parse_identity(identity: str) -> dict[str, str]:
     return fields
 
 
-def identity_difference(cache: str, params: str) -> str:
-    """One line saying how two teacher identities differ, e.g.
-    'act: cache quickgelu, params gelu; open_clip: cache 3.2.0, params 3.3.0' ('' when equal)."""
+def shown(value: str | None) -> str:
+    if value is None:
+        return "(none)"
+    return value[:12] + "..." if len(value) == 64 and all(c in "0123456789abcdef" for c in value) else value
+
+
+def weights_difference(a: dict[str, str], b: dict[str, str], sides: tuple[str, str]) -> str:
+    """How the weights of two identities differ ('' when they are the same bytes, or the same
+    download of the same tag when one side's file is not on this machine)."""
+    x, y = sides
+    if "weights" in a or "weights" in b:  # random weights
+        return "" if a.get("weights") == b.get("weights") else \
+            f"weights: {x} {a.get('weights', 'loaded')}, {y} {b.get('weights', 'loaded')}"
+    if "weights_sha256" in a and "weights_sha256" in b:
+        if a["weights_sha256"] == b["weights_sha256"]:
+            return ""
+        return f"weights sha256: {x} {shown(a['weights_sha256'])}, {y} {shown(b['weights_sha256'])}"
+    if "weights_source" in a and "weights_source" in b:
+        if a["weights_source"] == b["weights_source"]:
+            return ""
+        return f"weights: {x} {a['weights_source']}, {y} {b['weights_source']}"
+
+    def where(fields: dict[str, str]) -> str:
+        if "weights_sha256" in fields:
+            return f"sha256 {shown(fields['weights_sha256'])}"
+        return f"{fields.get('weights_source', 'unknown')}, not downloaded here"
+
+    return f"weights: {x} {where(a)}, {y} {where(b)} (cannot be compared)"
+
+
+def identity_difference(cache: str, params: str, sides: tuple[str, str] = ("cache", "params")) -> str:
+    """One line saying how two teacher identities differ in what decides the outputs, e.g.
+    'act: cache quickgelu, params gelu; weights sha256: cache 1f2e..., params 9ab0...' ('' when
+    they are the same teacher). Names are never compared; precision only when both record it.
+    `sides` names the two in the message."""
     a, b = parse_identity(cache), parse_identity(params)
-    keys = list(a) + [k for k in b if k not in a]
+    keys = list(CONTENT_KEYS) + (["precision"] if "precision" in a and "precision" in b else [])
+    differences = [f"{key}: {sides[0]} {shown(a.get(key))}, {sides[1]} {shown(b.get(key))}"
+                   for key in keys if a.get(key) != b.get(key)]
+    weights = weights_difference(a, b, sides)
+    return "; ".join(differences + ([weights] if weights else []))
 
-    def shown(value: str | None) -> str:
-        if value is None:
-            return "(none)"
-        return value[:12] + "..." if len(value) == 64 and all(c in "0123456789abcdef" for c in value) else value
 
-    return "; ".join(f"{key}: cache {shown(a.get(key))}, params {shown(b.get(key))}"
-                     for key in keys if a.get(key) != b.get(key))
+def identity_warnings(cache: str, params: str) -> list[str]:
+    """What differs between two identities without deciding the outputs, worth a warning: the
+    open_clip release (outputs can differ in rounding; the cache is used as it is)."""
+    a, b = parse_identity(cache), parse_identity(params)
+    if a.get("open_clip") and b.get("open_clip") and a["open_clip"] != b["open_clip"]:
+        return [f"made with open_clip {a['open_clip']}, this is {b['open_clip']}: the same weights, "
+                f"architecture and preprocessing, so used as it is (a new release's outputs can differ "
+                f"in rounding; re-run precompute to have them from this one)"]
+    return []
+
+
+def content_identity(identity: str) -> str:
+    """The identity without its names: what the teacher's outputs depend on, the release included."""
+    return " ".join(f"{k}={v}" for k, v in sorted(parse_identity(identity).items()) if k not in NAME_KEYS)
 
 
 # --- building ------------------------------------------------------------------------------
@@ -505,13 +705,15 @@ class Teacher:
         return F.normalize(features.float(), dim=-1)
 
     @torch.no_grad()
-    def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        """Strings -> (N, D) unit-norm float32."""
+    def encode_text(self, texts: list[str], batch_size: int = 256, progress: Progress | None = None) -> torch.Tensor:
+        """Strings -> (N, D) unit-norm float32 (`progress` advanced by each batch's strings)."""
         chunks = []
         for start in range(0, len(texts), batch_size):
             tokens = self.tokenizer(texts[start:start + batch_size]).to(self.device)
             with autocast(self.device, self.precision, cpu=True):
                 chunks.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1))
+            if progress is not None:
+                progress.update(len(tokens))
         if not chunks:
             return torch.empty(0, self.embed_dim)
         return torch.cat(chunks)
@@ -526,7 +728,7 @@ def build_openai_model(spec: TeacherSpec) -> torch.nn.Module:
     except RuntimeError as err:
         raise PipelineError(
             f"{spec.checkpoint}: OpenAI-layout weights that open_clip's CLIP cannot take "
-            f"({str(err).splitlines()[0][:200]})"
+            f"({reason(err)})"
         ) from None
     set_model_preprocess_cfg(model, spec.preprocess)
     return model
@@ -592,18 +794,17 @@ def build_model(config: TeacherConfig, allow_random: bool = False,
             model = open_clip.create_model(spec.name, pretrained=str(spec.checkpoint), device="cpu", **activation)
         except RuntimeError as err:
             raise PipelineError(
-                f"{spec.checkpoint}: does not fit model {spec.name} ({str(err).splitlines()[0][:200]})"
+                f"{spec.checkpoint}: does not fit model {spec.name} ({reason(err)})"
             ) from None
-    elif spec.source == "tag":
-        tag = dict(spec.labels)["pretrained"]
+    elif spec.source == "tag":  # the tag's file, found in (or fetched into) open_clip's download cache
+        spec = fetch_tag_weights(spec)
         try:
-            model = open_clip.create_model(spec.name, pretrained=tag, device="cpu", **activation)
-        except Exception as err:  # download errors: report them in one line
-            raise PipelineError(
-                f"--teacher-pretrained {tag} for {spec.name}: could not load "
-                f"({str(err).splitlines()[0][:200]}); needs internet access, or pass "
-                f"--teacher-checkpoint FILE"
-            ) from None
+            model = open_clip.create_model(spec.name, pretrained=str(spec.checkpoint), device="cpu", **activation)
+        except RuntimeError as err:
+            raise PipelineError(f"{spec.checkpoint}: does not fit model {spec.name} "
+                                f"({reason(err)}) (--teacher-pretrained {dict(spec.labels)['pretrained']})"
+                                ) from None
+        set_model_preprocess_cfg(model, spec.preprocess)  # a file carries no preprocessing; the tag's
     elif not allow_random:
         raise PipelineError(
             f"teacher {spec.name}: no weights given; set --teacher-pretrained or --teacher-checkpoint"
@@ -621,8 +822,11 @@ def load_teacher(config: TeacherConfig, device: str = "auto", allow_random: bool
     """Build the frozen teacher of `config` on `device` ('auto': cuda when available)."""
     target = resolve_device(device)
     spec = resolve_teacher(config)
+    if spec.source == "tag":
+        spec = fetch_tag_weights(spec)  # before building: the identity records the downloaded file's sha256
     model, tokenizer = build_model(config, allow_random=allow_random, spec=spec)
     identity = spec.identity if spec.source != "random" else f"{spec.identity} weights=random"
+    identity += f" precision={effective_precision(target, precision)}"
     teacher = Teacher(model, tokenizer, identity, target, precision)
     log.info("teacher %s: image %dpx, embedding %d, on %s", identity, teacher.image_size,
              teacher.embed_dim, target)

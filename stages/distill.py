@@ -29,7 +29,7 @@ def check_cache(cache: TeacherCache, config: DistillConfig, shards: list[Path], 
     prompt_set = build_prompt_set(read_classes(config.train.shards), config.prompts)
     cache.require(
         teacher_identity=expected_teacher,
-        prompt_digest=prompt_set_digest(prompt_set, expected_teacher),
+        prompt_digest=prompt_set_digest(prompt_set),
         prompts=f"{config.prompts.set} prompts, {config.prompts.anchors} anchors, {len(prompt_set.prompts)} strings",
         shards=shards, embeddings=embeddings, fix="re-run precompute or fix the teacher options",
     )

@@ -24,7 +24,7 @@ from pipeline.atomic import OutputLock, write_json
 from pipeline.config import PrecomputeConfig, write_resolved
 from pipeline.errors import PipelineError
 from pipeline.progress import Progress
-from pipeline.prompts import anchor_embeddings, build_prompt_set, prompt_set_digest
+from pipeline.prompts import anchor_embeddings, build_prompt_set, encode_prompts, prompt_set_digest, prompt_store
 from pipeline.shards import (
     Sample,
     ShardBatches,
@@ -34,7 +34,7 @@ from pipeline.shards import (
     sample_count,
     shard_list_digest,
 )
-from pipeline.teacher import load_teacher, resolve_device
+from pipeline.teacher import identity_difference, load_teacher, resolve_device
 from pipeline.views import apply_view, sample_view_params, view_rng
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def run_process(config: PrecomputeConfig, process: distributed.Process,
         crop_ratio=config.crop_ratio,
         flip=config.flip,
         view_seed=config.seed,
-        prompt_digest=prompt_set_digest(prompt_set, teacher.identity),
+        prompt_digest=prompt_set_digest(prompt_set),
         prompt_set=config.prompts.set,
         anchor_mode=prompt_set.anchors,
         num_classes=prompt_set.num_classes,
@@ -117,13 +117,16 @@ def run_process(config: PrecomputeConfig, process: distributed.Process,
     )
     if process.main:
         resume_or_start(out, header, [s.name for s in shards])
+        # rank 0 encodes the prompts into the store; after the barrier the other ranks read them there
+        prompt_embeddings = encode_prompts(teacher, prompt_set.prompts, prompt_store(out))
     distributed.barrier()
+    if not process.main:
+        prompt_embeddings = encode_prompts(teacher, prompt_set.prompts, prompt_store(out))
     done = cache.completed_parts(out, header.shard_digest)
     todo = [s for s in range(process.rank, len(shards), process.world) if s not in done]
     if done:
         log.info("resuming: %d of %d shards already done", len(done), len(shards))
 
-    prompt_embeddings = teacher.encode_text(list(prompt_set.prompts))
     prompt_classes = torch.tensor(prompt_set.prompt_classes)
     anchors = anchor_embeddings(prompt_embeddings.cpu(), prompt_classes, prompt_set.num_classes,
                                 prompt_set.anchors)
@@ -163,11 +166,20 @@ def run_process(config: PrecomputeConfig, process: distributed.Process,
     return metrics
 
 
+def same_run(previous: dict[str, Any], state: dict[str, Any]) -> bool:
+    """Whether a partial run's state is this run's: the same settings and shards, and the same
+    teacher by content (its names may differ: a renamed weights file is the same teacher)."""
+    before, now = dict(previous["header"]), dict(state["header"])
+    if identity_difference(before.pop("teacher_identity", ""), now.pop("teacher_identity")):
+        return False
+    return before == now and previous["shards"] == state["shards"]
+
+
 def resume_or_start(out: Path, header: cache.CacheHeader, shard_names: list[str]) -> None:
     """Keep the parts of an interrupted run with the same settings; refuse a changed one."""
     state = {"header": header.to_attrs(), "shards": shard_names}
     previous = cache.read_state(out)
-    if previous is not None and previous != state:
+    if previous is not None and not same_run(previous, state):
         directory = cache.parts_dir(out)
         if out.is_file():
             raise PipelineError(
@@ -179,7 +191,11 @@ def resume_or_start(out: Path, header: cache.CacheHeader, shard_names: list[str]
                 f"{directory}: a partial run over a different shard list; the shards changed "
                 f"since. Delete {directory} to start over"
             )
-        changed = sorted(k for k in state["header"] if previous["header"].get(k) != state["header"][k])
+        changed = sorted(k for k in state["header"] if previous["header"].get(k) != state["header"][k]
+                         and k != "teacher_identity")
+        difference = identity_difference(previous["header"].get("teacher_identity", ""),
+                                         header.teacher_identity)
+        changed += [f"teacher: {difference}"] if difference else []
         raise PipelineError(
             f"{directory}: a partial run with other settings ({', '.join(changed)}); "
             f"delete {directory} to start over, or run with the same settings"

@@ -34,7 +34,7 @@ from pipeline.errors import PipelineError
 from pipeline.features import extract_features, zero_shot_scores
 from pipeline.linear_probe import DEFAULT_WEIGHT_DECAYS, linear_probe, probe_memory, topk_accuracy
 from pipeline.progress import Progress
-from pipeline.prompts import class_anchors
+from pipeline.prompts import class_anchors, encode_prompts, prompt_store
 from pipeline.shards import ClassInfo, list_shards, manifest_rows, read_classes, sample_count
 from pipeline.student import Student, build_student, load_student, student_input, student_on
 from pipeline.teacher import autocast, load_teacher, resolve_device
@@ -134,8 +134,7 @@ def features_and_zero_shot(config: ProbeConfig, cache: TeacherCache, classes: li
     memory budget of the probe first.
     """
     student, checkpoint = load_student(config.student)
-    if checkpoint.get("anchor_digest") != cache.header.prompt_digest:
-        raise PipelineError(f"{config.student}: trained against other anchors than {config.cache}")
+    cache.require_student(config.student, checkpoint, fix="pass the student distilled from this cache (--student)")
     teacher = load_teacher(config.teacher, config.device, precision=config.precision)
     cache.require(teacher_identity=teacher.identity, fix="re-run precompute or fix the teacher options")
     size = int(checkpoint["image_size"])
@@ -180,9 +179,10 @@ def features_and_zero_shot(config: ProbeConfig, cache: TeacherCache, classes: li
         top1, top5 = zero_shot_accuracy(features, val.labels, anchors, anchor_classes, num_classes)
         zero_shot[name] = {"zeroshot_top1": top1, "zeroshot_top5": top5}
     for prompt_set in ("plain", "cpa"):  # the teacher with either prompt set, whatever the cache holds
-        # anchor_embeddings sums on the CPU: the text embeddings come from the teacher's device
-        set_anchors = class_anchors(lambda texts: teacher.encode_text(texts).cpu(), classes,
-                                    config.prompts, prompt_set)
+        def encode(texts: list[str], what: str = f"teacher {prompt_set} prompts") -> torch.Tensor:
+            return encode_prompts(teacher, texts, prompt_store(config.cache), what)  # on the CPU
+
+        set_anchors = class_anchors(encode, classes, config.prompts, prompt_set)
         top1, _ = zero_shot_accuracy(val.features["teacher"], val.labels, set_anchors,
                                      torch.arange(num_classes), num_classes)
         zero_shot["teacher"][f"zeroshot_top1_{prompt_set}"] = top1

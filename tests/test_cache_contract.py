@@ -56,5 +56,6 @@ def test_require_names_what_differs(demo_shards, tiny_teacher, tmp_path):
     with pytest.raises(PipelineError, match=r"holds no teacher image embeddings; re-run precompute with "
                                             r"--store-embeddings"):
         cache.require(embeddings=True)
-    with pytest.raises(PipelineError, match=r"made by teacher build differing from the params' \(.*\); fix it"):
+    with pytest.raises(PipelineError,
+                       match=r"made by another teacher than the params' \(act: cache gelu, params xgelu\); fix it"):
         cache.require(teacher_identity=cache.header.teacher_identity.replace("act=", "act=x"), fix="fix it")

@@ -143,7 +143,7 @@ def test_resume_after_kill_gives_the_same_weights(demo_shards, demo_cache, tiny_
 
 def test_mismatched_caches_are_refused(demo_shards, demo_cache, tiny_teacher, tmp_path):
     other_teacher = make_tiny_teacher(tmp_path / "other", seed=9)
-    with pytest.raises(PipelineError, match="made by teacher"):
+    with pytest.raises(PipelineError, match=r"made by another teacher than the params. \(weights sha256: cache "):
         distill.run(distill_config(demo_shards, demo_cache, other_teacher, tmp_path))
     with pytest.raises(PipelineError, match="anchor digest.*plain prompts"):
         distill.run(distill_config(demo_shards, demo_cache, tiny_teacher, tmp_path, **{"prompts.set": "plain"}))

@@ -13,6 +13,7 @@ apart. The class anchors must equal open_clip's `build_zero_shot_classifier`.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import clip
@@ -29,6 +30,7 @@ from pipeline.prompts import anchor_embeddings, build_prompt_set
 from pipeline.shards import ClassInfo
 from pipeline.teacher import (
     Teacher,
+    identity_difference,
     load_teacher,
     openai_model_config,
     parse_identity,
@@ -177,14 +179,27 @@ def test_vit_b_32_files_match_openai_clip(tmp_path):
     reference = openai_embeddings(model, pixels, texts)
     openai_tag = teacher_identity(TeacherConfig(model="ViT-B-32", pretrained="openai", checkpoint="", config=""))
 
+    identities = {}
     for path, name in ((archive, "ViT-B-32-quickgelu"), (state_dict, "")):
         teacher = teacher_from(path, model=name)
         image, text = differences(teacher, pixels, texts, reference)
         assert image <= TOLERANCE and text <= TOLERANCE, (path.name, image, text)
         # The architecture derived from the file is open_clip's ViT-B-32 with the openai tag.
         assert parse_identity(teacher.identity)["arch"] == parse_identity(openai_tag)["arch"]
+        identities[path] = teacher.identity
     with pytest.raises(PipelineError, match="use --teacher-model ViT-B-32-quickgelu"):
         teacher_identity(TeacherConfig(model="ViT-B-32", pretrained="", checkpoint=str(archive), config=""))
+
+    # The README's offline route: a cache made with the -quickgelu name and OpenAI's file fits the
+    # same bytes given with --teacher-model "" and under another file name.
+    renamed = tmp_path / "openai-vit-b32.pt"
+    shutil.copyfile(archive, renamed)
+    made_with = identities[archive]
+    for name, path in (("", archive), ("", renamed), ("ViT-B-32-quickgelu", renamed)):
+        params = teacher_identity(TeacherConfig(model=name, pretrained="", checkpoint=str(path), config=""))
+        assert identity_difference(made_with, params) == "", (name, path.name)
+    # Other bytes (here the same weights saved as a state dict) are another teacher.
+    assert identity_difference(made_with, identities[state_dict]).startswith("weights sha256: cache ")
 
 
 @pytest.mark.parametrize("release", ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16",

@@ -4,24 +4,30 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pipeline import demo_world
-from pipeline.config import PromptsConfig
+from pipeline.config import PromptsConfig, TeacherConfig
 from pipeline.errors import PipelineError
 from pipeline.prompts import (
+    STORE_DIR,
     anchor_embeddings,
     build_prompt_set,
     class_anchors,
+    encode_prompts,
     prompt_set_digest,
+    prompt_store,
     read_templates,
 )
 from pipeline.resources import DATA_DIR, imagenet_by_wnid
 from pipeline.shards import ClassInfo
+from pipeline.teacher import load_teacher
 from stages.shards import folder_class_info
+from tests.conftest import make_tiny_teacher
 
 IMAGENET = PromptsConfig(set="cpa", plain_templates=str(DATA_DIR / "prompts/imagenet_plain.txt"),
                          cpa_templates=str(DATA_DIR / "prompts/imagenet_cpa.txt"), anchors="class")
@@ -124,18 +130,54 @@ def test_anchors_are_unit_norm_means_of_prompt_embeddings():
         anchor_embeddings(embeddings, classes, 4, "class")
 
 
-def test_digest_changes_with_templates_anchors_and_teacher(tmp_path):
+def test_digest_changes_with_templates_classes_and_anchors(tmp_path):
     templates = tmp_path / "plain.txt"
     templates.write_text("a photo of a {name}.\n")
     config = PromptsConfig(set="plain", plain_templates=str(templates), cpa_templates="", anchors="class")
     classes = [ClassInfo(0, "a", "cat"), ClassInfo(1, "b", "dog")]
-    digest = prompt_set_digest(build_prompt_set(classes, config), "teacher-1")
-    assert digest == prompt_set_digest(build_prompt_set(classes, config), "teacher-1")
-    assert digest != prompt_set_digest(build_prompt_set(classes, config), "teacher-2")
-    assert digest != prompt_set_digest(build_prompt_set(classes, dataclasses.replace(config, anchors="prompt")),
-                                       "teacher-1")
+    digest = prompt_set_digest(build_prompt_set(classes, config))
+    assert digest == prompt_set_digest(build_prompt_set(classes, config))
+    assert digest != prompt_set_digest(build_prompt_set(classes[::-1], config))
+    assert digest != prompt_set_digest(build_prompt_set(classes, dataclasses.replace(config, anchors="prompt")))
     templates.write_text("a picture of a {name}.\n")
-    assert digest != prompt_set_digest(build_prompt_set(classes, config), "teacher-1")
+    assert digest != prompt_set_digest(build_prompt_set(classes, config))
+
+
+class CountingTeacher:
+    """A real teacher that counts the strings it encodes."""
+
+    def __init__(self, teacher) -> None:
+        self.teacher, self.identity, self.encoded = teacher, teacher.identity, 0
+
+    def encode_text(self, texts, progress=None):
+        self.encoded += len(texts)
+        return self.teacher.encode_text(texts, progress=progress)
+
+
+def test_prompt_embeddings_are_reused_for_the_same_teacher_and_strings(tmp_path, caplog):
+    first_weights = make_tiny_teacher(tmp_path / "a", seed=0)
+    teacher = CountingTeacher(load_teacher(TeacherConfig(model="", pretrained="", checkpoint=str(first_weights[1]),
+                                                         config=str(first_weights[0])), "cpu"))
+    prompts = [f"a photo of a {name}." for name in ("cat", "dog", "crane", "space shuttle")]
+    store = tmp_path / "cache" / STORE_DIR
+    with caplog.at_level(logging.INFO, logger="pipeline.prompts"):
+        encoded = encode_prompts(teacher, prompts, store)
+    assert teacher.encoded == 4 and "prompts: encoding 4 prompts with the teacher" in caplog.text
+    assert torch.equal(encoded, teacher.teacher.encode_text(prompts))
+    assert len(list(store.glob("*.npy"))) == 1
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline.prompts"):
+        again = encode_prompts(teacher, prompts, store)
+    assert teacher.encoded == 4 and torch.equal(again, encoded)  # read back, not encoded again
+    assert "4 prompt embeddings read from" in caplog.text
+    encode_prompts(teacher, prompts[:3], store)  # other strings: encoded
+    assert teacher.encoded == 7
+    other_config, other_weights = make_tiny_teacher(tmp_path / "b", seed=1)
+    other = CountingTeacher(load_teacher(TeacherConfig(model="", pretrained="", checkpoint=str(other_weights),
+                                                       config=str(other_config)), "cpu"))
+    assert not torch.equal(encode_prompts(other, prompts, store), encoded)  # another teacher: its own
+    assert other.encoded == 4 and len(list(store.glob("*.npy"))) == 3
+    assert prompt_store(tmp_path / "cache" / "teacher.h5") == store
 
 
 def test_bad_templates_name_the_file_and_line(tmp_path):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
+
 import h5py
 import open_clip
 import pytest
@@ -15,7 +18,9 @@ from pipeline.config import TeacherConfig
 from pipeline.errors import PipelineError
 from pipeline.shards import list_shards, sha256_file
 from pipeline.teacher import (
+    cpu_has_native_bf16,
     identity_difference,
+    identity_warnings,
     is_torchscript_archive,
     load_teacher,
     parse_identity,
@@ -53,7 +58,7 @@ def test_identity_names_files_and_their_sha256(tmp_path):
     config, weights = make_tiny_teacher(tmp_path / "a", seed=0)
     identity = teacher_identity(file_teacher(config, weights))
     assert "config=tiny-clip.json" in identity and "checkpoint=tiny-clip.safetensors" in identity
-    assert f"checkpoint_sha256={sha256_file(weights)}" in identity
+    assert f"weights_sha256={sha256_file(weights)}" in identity
     assert identity.endswith(f" act=gelu open_clip={open_clip.__version__}")
     other_config, other_weights = make_tiny_teacher(tmp_path / "b", seed=1)
     assert teacher_identity(file_teacher(config, other_weights)) != identity
@@ -80,24 +85,75 @@ def test_random_teachers_are_built_with_the_activation_their_identity_records():
         text_activations = {type(m) for m in teacher.model.transformer.modules()
                             if isinstance(m, (torch.nn.GELU, QuickGELU))}
         assert text_activations == {module}
-        assert teacher.identity == f"{teacher_identity(config)} weights=random"
+        precision = "bf16" if cpu_has_native_bf16() else "fp32"  # what autocast runs at on this CPU
+        assert teacher.identity == f"{teacher_identity(config)} weights=random precision={precision}"
         assert parse_identity(teacher.identity)["act"] == ("gelu" if module is torch.nn.GELU else "quickgelu")
 
 
-def test_identity_difference_says_what_differs_in_one_line():
-    cache = "model=ViT-B-32 pretrained=openai arch=38d113a8020b act=quickgelu open_clip=3.2.0"
-    params = "model=ViT-B-32 pretrained=openai arch=38d113a8020b act=gelu open_clip=3.3.0"
-    assert identity_difference(cache, params) == (
-        "act: cache quickgelu, params gelu; open_clip: cache 3.2.0, params 3.3.0")
-    assert identity_difference(cache, cache) == ""
-    assert identity_difference("model=ViT-B-32 pretrained=openai", params) == (
-        "arch: cache (none), params 38d113a8020b; act: cache (none), params gelu; "
-        "open_clip: cache (none), params 3.3.0")
-    assert parse_identity("checkpoint=my file.pt checkpoint_sha256=ab") == {"checkpoint": "my file.pt",
-                                                                           "checkpoint_sha256": "ab"}
+def test_identity_difference_compares_content_not_names_in_one_line():
+    source = "weights_source=hf-hub:timm/vit_base_patch32_clip_224.openai/"
+    cache = (f"model=ViT-B-32 pretrained=openai {source} weights_sha256={'a' * 64} arch_kind=two-tower "
+             f"arch=38d113a8020b preprocess=44136fa355b3 act=quickgelu open_clip=3.2.0 precision=bf16")
+    # Another spelling of the model, the tag's file not downloaded here, another open_clip release,
+    # no precision (the params side of a check): the same teacher.
+    params = (f"model=ViT-B-32-quickgelu pretrained=openai {source} arch_kind=two-tower arch=38d113a8020b "
+              f"preprocess=44136fa355b3 act=quickgelu open_clip=3.3.0")
+    assert identity_difference(cache, params) == ""
+    assert identity_warnings(cache, params) == [
+        "made with open_clip 3.2.0, this is 3.3.0: the same weights, architecture and preprocessing, so used as "
+        "it is (a new release's outputs can differ in rounding; re-run precompute to have them from this one)"]
+    assert identity_warnings(cache, cache) == []
+    assert identity_difference(cache, params.replace("act=quickgelu", "act=gelu")) == (
+        "act: cache quickgelu, params gelu")
+    assert identity_difference(cache, cache.replace("precision=bf16", "precision=fp32")) == (
+        "precision: cache bf16, params fp32")
+    other_tag = params.replace("timm/vit_base_patch32_clip_224.openai/", "laion/CLIP-ViT-B-32-laion2B-s34B-b79K/")
+    assert identity_difference(cache, other_tag) == (
+        "weights: cache hf-hub:timm/vit_base_patch32_clip_224.openai/, "
+        "params hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K/")
+    # A local file against a tag that is not downloaded here: nothing to compare the bytes with.
+    file_params = f"checkpoint=ViT-B-32.pt weights_sha256={'b' * 64} arch_kind=two-tower arch=38d113a8020b " \
+                  f"preprocess=44136fa355b3 act=quickgelu"
+    assert identity_difference(file_params, params, sides=("cache", "student")) == (
+        "weights: cache sha256 bbbbbbbbbbbb..., student hf-hub:timm/vit_base_patch32_clip_224.openai/, not "
+        "downloaded here (cannot be compared)")
+    assert identity_difference(cache, file_params) == "weights sha256: cache aaaaaaaaaaaa..., params bbbbbbbbbbbb..."
+    assert identity_difference("model=ViT-B-32 pretrained=openai", "arch_kind=two-tower arch=38d113a8020b") == (
+        "arch_kind: cache (none), params two-tower; arch: cache (none), params 38d113a8020b; weights: cache "
+        "unknown, not downloaded here, params unknown, not downloaded here (cannot be compared)")
+    assert parse_identity("checkpoint=my file.pt weights_sha256=ab") == {"checkpoint": "my file.pt",
+                                                                        "weights_sha256": "ab"}
 
 
-def test_distill_refuses_a_cache_made_by_another_build_in_one_line(demo_shards, tiny_teacher, tmp_path):
+def test_a_renamed_weights_file_fits_its_cache_and_other_weights_do_not(demo_shards, tiny_teacher, tmp_path):
+    """The cache's teacher is its content: the same bytes under other file names (config and
+    weights) are accepted by distill; other weights are refused in one line naming their sha256."""
+    out = tmp_path / "teacher.h5"
+    precompute.run(precompute_config(demo_shards, out, tiny_teacher, views=1))
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    config_copy, weights_copy = renamed / "my-teacher.json", renamed / "my-teacher-weights.safetensors"
+    shutil.copyfile(tiny_teacher[0], config_copy)
+    shutil.copyfile(tiny_teacher[1], weights_copy)
+    shards = list_shards(demo_shards, "train")
+
+    def distill_config(config_file, weights_file):
+        return stage_config("distill", **{"train.shards": str(demo_shards), "train.cache": str(out),
+                                          "teacher.config": str(config_file), "teacher.checkpoint": str(weights_file)})
+
+    cache = TeacherCache(out)
+    assert "checkpoint=tiny-clip.safetensors" in cache.header.teacher_identity
+    distill.check_cache(cache, distill_config(config_copy, weights_copy), shards)  # accepted
+    _, other_weights = make_tiny_teacher(tmp_path / "other", seed=7)
+    with pytest.raises(PipelineError) as error:
+        distill.check_cache(cache, distill_config(config_copy, other_weights), shards)
+    assert str(error.value) == (
+        f"{out}: made by another teacher than the params' (weights sha256: cache "
+        f"{sha256_file(tiny_teacher[1])[:12]}..., params {sha256_file(other_weights)[:12]}...); re-run precompute "
+        f"or fix the teacher options")
+
+
+def test_distill_refuses_a_cache_made_by_another_build_in_one_line(demo_shards, tiny_teacher, tmp_path, caplog):
     out = tmp_path / "teacher.h5"
     precompute.run(precompute_config(demo_shards, out, tiny_teacher, views=1))
     config = stage_config("distill", **{"train.shards": str(demo_shards), "train.cache": str(out),
@@ -105,12 +161,17 @@ def test_distill_refuses_a_cache_made_by_another_build_in_one_line(demo_shards, 
                                         "teacher.checkpoint": str(tiny_teacher[1])})
     distill.check_cache(TeacherCache(out), config, list_shards(demo_shards, "train"))  # the same build fits
     with h5py.File(out, "a") as f:
-        f.attrs["teacher_identity"] = str(f.attrs["teacher_identity"]).replace("act=gelu", "act=quickgelu").replace(
+        f.attrs["teacher_identity"] = str(f.attrs["teacher_identity"]).replace(
             f"open_clip={open_clip.__version__}", "open_clip=2.26.1")
+    with caplog.at_level(logging.WARNING, logger="pipeline.cache"):  # another release: a warning, not a refusal
+        distill.check_cache(TeacherCache(out), config, list_shards(demo_shards, "train"))
+    assert f"made with open_clip 2.26.1, this is {open_clip.__version__}" in caplog.text
+    with h5py.File(out, "a") as f:
+        f.attrs["teacher_identity"] = str(f.attrs["teacher_identity"]).replace("act=gelu", "act=quickgelu")
     with pytest.raises(PipelineError) as error:
         distill.check_cache(TeacherCache(out), config, list_shards(demo_shards, "train"))
     message = str(error.value)
-    assert f"(act: cache quickgelu, params gelu; open_clip: cache 2.26.1, params {open_clip.__version__})" in message
+    assert "made by another teacher than the params' (act: cache quickgelu, params gelu)" in message
     assert "\n" not in message and "re-run precompute" in message
 
 
