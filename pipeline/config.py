@@ -88,6 +88,9 @@ class ShardsConfig:
     out: str = opt("output directory for train-*.tar, val-*.tar, classes.json, manifest.json")
     root: str = opt("folder source: image folder <root>/<class>/<image>")
     val_root: str = opt("folder source: separate validation folder (empty: split --val-fraction)")
+    val_labels: str = opt("folder source: labels of a flat --val-root such as ImageNet's val folder: "
+                          "LOC_val_solution.csv, or the devkit's ILSVRC2012_validation_ground_truth.txt "
+                          "with meta.mat beside it (empty: --val-root has class folders)")
     val_fraction: float = opt("folder source: share of each class held out for val", high=1, open_high=True)
     max_per_shard: int = opt("samples per shard", low=1)
     train: int = opt("demo source: training images", low=1)

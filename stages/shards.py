@@ -1,4 +1,10 @@
-"""`python -m pipeline shards`: webdataset shards from an image folder or the demo world."""
+"""`python -m pipeline shards`: webdataset shards from an image folder or the demo world.
+
+The folder source reads `<root>/<class>/<image>`; its val split is a share of it, a second
+folder of the same layout, or a flat folder of images labelled by a file (ImageNet's val split
+as distributed: `ILSVRC2012_val_*.JPEG` with `LOC_val_solution.csv` or the devkit's
+`ILSVRC2012_validation_ground_truth.txt` + `meta.mat`).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import io
 import json
 import logging
 import multiprocessing
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -14,11 +21,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from pipeline import demo_world
 from pipeline.config import ShardsConfig, write_resolved
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, reason
 from pipeline.progress import Progress
 from pipeline.resources import imagenet_by_wnid
 from pipeline.shards import (
@@ -36,6 +44,11 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 REENCODE_QUALITY = 95
+# ImageNet's val labels: Kaggle's CSV header, and the devkit file that maps class ids to wnids.
+LOC_HEADER = "ImageId,PredictionString"
+DEVKIT_META = "meta.mat"
+FLAT_VAL_HINT = ("for ImageNet's flat val folder pass --val-labels LOC_val_solution.csv or "
+                 "ILSVRC2012_validation_ground_truth.txt")
 
 
 def run(config: ShardsConfig) -> dict[str, Any]:
@@ -124,15 +137,34 @@ def sample_key(relative: Path) -> str:
     return relative.as_posix().replace(".", "_")
 
 
-def class_folders(root: Path, option: str) -> list[str]:
+def class_folders(root: Path, option: str, flat_hint: str = "") -> list[str]:
+    """The class folder names of root, sorted; `flat_hint` is added to the error when root holds
+    image files but no folders."""
     if not root.is_dir():
         raise PipelineError(f"{root}: image folder not found (option {option})")
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
+        flat = flat_hint and any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir())
         raise PipelineError(
             f"{root}: no class folders; expected the layout <root>/<class>/<image> (option {option})"
+            + (f"; {flat_hint}" if flat else "")
         )
     return folders
+
+
+def image_files(directory: Path, root: Path, skipped: list[dict]) -> list[Path]:
+    """Paths relative to root of the image files under directory, recursively, sorted; other files
+    are recorded in `skipped`."""
+    files = []
+    for path in sorted(directory.rglob("*")):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        relative = path.relative_to(root)
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            files.append(relative)
+        else:
+            skipped.append({"path": str(root / relative), "reason": "not an image extension"})
+    return files
 
 
 def list_images(root: Path, classes: dict[str, int], skipped: list[dict]) -> list[tuple[Path, int]]:
@@ -140,16 +172,8 @@ def list_images(root: Path, classes: dict[str, int], skipped: list[dict]) -> lis
     files = []
     for folder, label in classes.items():
         directory = root / folder
-        if not directory.is_dir():
-            continue
-        for path in sorted(directory.rglob("*")):
-            if not path.is_file() or path.name.startswith("."):
-                continue
-            relative = path.relative_to(root)
-            if path.suffix.lower() in IMAGE_EXTENSIONS:
-                files.append((relative, label))
-            else:
-                skipped.append({"path": str(root / relative), "reason": "not an image extension"})
+        if directory.is_dir():
+            files.extend((relative, label) for relative in image_files(directory, root, skipped))
     return files
 
 
@@ -196,14 +220,20 @@ def folder_class_info(folders: Sequence[str]) -> list[ClassInfo]:
 def write_folder(config: ShardsConfig, out: Path) -> dict[str, Any]:
     if not config.root:
         raise PipelineError("option --root is required for --source folder")
+    if config.val_labels and not config.val_root:
+        raise PipelineError("option --val-labels needs --val-root, the flat folder of the val images it labels")
     root = Path(config.root)
     folders = class_folders(root, "--root")
     labels = {folder: index for index, folder in enumerate(folders)}
     skipped: list[dict] = []
     train_files = list_images(root, labels, skipped)
-    if config.val_root:
+    if config.val_labels:
         val_root = Path(config.val_root)
-        unknown = sorted(set(class_folders(val_root, "--val-root")) - set(labels))
+        val_files = flat_val_images(val_root, Path(config.val_labels), root, labels, skipped)
+        sources = {"train": (root, train_files), "val": (val_root, val_files)}
+    elif config.val_root:
+        val_root = Path(config.val_root)
+        unknown = sorted(set(class_folders(val_root, "--val-root", FLAT_VAL_HINT)) - set(labels))
         if unknown:
             raise PipelineError(
                 f"{val_root}: class folder(s) {', '.join(unknown[:5])} are not in --root {root}"
@@ -231,7 +261,7 @@ def write_folder(config: ShardsConfig, out: Path) -> dict[str, Any]:
     if skipped:
         log.warning("skipped %d file(s); see %s", len(skipped), out / MANIFEST_FILE)
     return {"source": "folder", "root": str(root), "val_root": config.val_root,
-            "val_fraction": config.val_fraction, "classes": len(folders),
+            "val_labels": config.val_labels, "val_fraction": config.val_fraction, "classes": len(folders),
             "splits": splits, "skipped": skipped}
 
 
@@ -241,3 +271,110 @@ def keep_records(results: Iterable, skipped: list[dict]) -> Iterator[ShardRecord
             yield result
         else:
             skipped.append(result)
+
+
+# --------------------------------------------------------------------------- ImageNet's flat val folder
+
+def loc_val_labels(text: str, source: str) -> dict[str, str]:
+    """Image id -> wnid from Kaggle's LOC_val_solution.csv: rows `ImageId,PredictionString`, the
+    prediction string being boxes `wnid x_min y_min x_max y_max ...` whose first token is the class."""
+    labels: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or (number == 1 and line.replace(" ", "") == LOC_HEADER):
+            continue
+        image_id, comma, boxes = line.partition(",")
+        tokens = boxes.split()
+        if not comma or not image_id.strip() or not tokens:
+            raise PipelineError(f"{source} line {number}: expected '{LOC_HEADER}' with the wnid first in "
+                                f"PredictionString, got {line[:80]!r}")
+        image_id = image_id.strip()
+        if labels.setdefault(image_id, tokens[0]) != tokens[0]:
+            raise PipelineError(f"{source} line {number}: image {image_id} is labelled both "
+                                f"{labels[image_id]} and {tokens[0]}")
+    return labels
+
+
+def devkit_val_labels(text: str, wnids: dict[int, str], source: str) -> dict[str, str]:
+    """Image id -> wnid from the devkit's ILSVRC2012_validation_ground_truth.txt: line i holds the
+    ILSVRC2012_ID of ILSVRC2012_val_{i:08d}.JPEG; `wnids` maps those ids to wnids (`leaf_wnids`)."""
+    labels = {}
+    for number, line in enumerate(text.rstrip().splitlines(), 1):
+        try:
+            class_id = int(line)
+        except ValueError:
+            raise PipelineError(f"{source} line {number}: expected one ILSVRC2012_ID (1-1000) per line, "
+                                f"got {line[:80]!r}") from None
+        if class_id not in wnids:
+            raise PipelineError(f"{source} line {number}: class id {class_id} is not one of the "
+                                f"{len(wnids)} leaf classes of the {DEVKIT_META} beside it")
+        labels[f"ILSVRC2012_val_{number:08d}"] = wnids[class_id]
+    return labels
+
+
+def leaf_wnids(synsets: Any) -> dict[int, str]:
+    """ILSVRC2012_ID -> wnid of the leaf synsets (num_children == 0: the 1000 classes) of the devkit
+    meta.mat's `synsets` struct array, as `scipy.io.loadmat(..., squeeze_me=True)` returns it."""
+    return {int(synset["ILSVRC2012_ID"]): str(synset["WNID"])
+            for synset in np.atleast_1d(synsets) if int(synset["num_children"]) == 0}
+
+
+def read_meta_mat(path: Path) -> dict[int, str]:
+    import scipy.io  # only the devkit's labels need it
+
+    if not path.is_file():
+        raise PipelineError(f"{path}: not found; ILSVRC2012_validation_ground_truth.txt needs the devkit's "
+                            f"{DEVKIT_META} beside it (ILSVRC2012_devkit_t12/data/) to map class ids to wnids")
+    try:
+        return leaf_wnids(scipy.io.loadmat(str(path), squeeze_me=True)["synsets"])
+    except Exception as err:  # any failure to read the file or find the struct's fields is a bad file
+        raise PipelineError(f"{path}: not the ImageNet devkit's {DEVKIT_META} (a 'synsets' struct with "
+                            f"ILSVRC2012_ID, WNID, num_children): {reason(err)}") from None
+
+
+def read_val_labels(path: Path) -> tuple[str, dict[str, str]]:
+    """(format name, image id -> wnid) of an ImageNet val labels file, its format told by its content."""
+    if not path.is_file():
+        raise PipelineError(f"{path}: labels file not found (option --val-labels)")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise PipelineError(f"{path}: not a text labels file (option --val-labels): {err}") from None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if first.replace(" ", "") == LOC_HEADER or re.match(r"[^,\s]+,", first):
+        return "LOC_val_solution.csv", loc_val_labels(text, str(path))
+    if first.isdigit():
+        wnids = read_meta_mat(path.parent / DEVKIT_META)
+        return "devkit ground truth + meta.mat", devkit_val_labels(text, wnids, str(path))
+    raise PipelineError(f"{path}: not an ImageNet val labels file (option --val-labels); expected "
+                        f"LOC_val_solution.csv ({LOC_HEADER} rows) or the devkit's "
+                        "ILSVRC2012_validation_ground_truth.txt (one class id per line)")
+
+
+def flat_val_images(val_root: Path, labels_path: Path, root: Path, classes: dict[str, int],
+                    skipped: list[dict]) -> list[tuple[Path, int]]:
+    """(relative path, label) of every image of a flat val folder, labelled by an ImageNet labels file
+    whose image ids are the file names without extension; `classes` are the train class folders."""
+    if not val_root.is_dir():
+        raise PipelineError(f"{val_root}: image folder not found (option --val-root)")
+    label_format, wnid_of = read_val_labels(labels_path)
+    images = image_files(val_root, val_root, skipped)
+    if not images:
+        raise PipelineError(f"{val_root}: no image files; with --val-labels, --val-root is a flat folder of "
+                            "images such as ImageNet's val (ILSVRC2012_val_00000001.JPEG ...)")
+    unlabelled = [relative for relative in images if relative.stem not in wnid_of]
+    if unlabelled:
+        more = f" (and {len(unlabelled) - 1} more)" if len(unlabelled) > 1 else ""
+        raise PipelineError(f"{val_root / unlabelled[0]}{more}: no label in {labels_path} (option --val-labels)")
+    files = []
+    for relative in images:
+        wnid = wnid_of[relative.stem]
+        if wnid not in classes:
+            raise PipelineError(f"{labels_path}: image {relative.stem} has class {wnid}, which is not a class "
+                                f"folder of --root {root}")
+        files.append((relative, classes[wnid]))
+    absent = len(wnid_of.keys() - {relative.stem for relative in images})
+    if absent:
+        log.warning("%s labels %d image(s) that are not in %s; a partial val folder, they are left out",
+                    labels_path, absent, val_root)
+    log.info("val labels of %d image(s) from %s (%s)", len(files), labels_path, label_format)
+    return files
