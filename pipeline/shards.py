@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -493,14 +494,36 @@ def collate(shard: int, pending: list, corrupt: list[str], last: bool) -> dict[s
     return batch
 
 
+_CAPPED: set[int] = set()
+
+
+def usable_workers(requested: int) -> int:
+    """DataLoader workers, capped at the CPU cores this process may run on.
+
+    More workers than cores only compete for them (and torch warns about it at every loader);
+    the cap is said once per process, in one line.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    if requested <= cores:
+        return requested
+    if requested not in _CAPPED:
+        _CAPPED.add(requested)
+        log.info("workers %d: this process may use %d CPU core(s); running %d DataLoader workers",
+                 requested, cores, cores)
+    return cores
+
+
 def iterate_batches(
     dataset: ShardBatches | MixedBatches, workers: int, pin_memory: bool = False, prefetch: int = 2
 ) -> Iterator[dict[str, Any]]:
-    """The dataset's batches through a DataLoader (workers never exceed the shard count).
+    """The dataset's batches through a DataLoader (workers never exceed the cores nor the shard count).
 
     Each worker keeps up to `prefetch` batches ready in shared memory.
     """
-    workers = max(0, min(workers, len(dataset.shard_order())))
+    workers = max(0, min(usable_workers(workers), len(dataset.shard_order())))
     loader = DataLoader(
         dataset,
         batch_size=None,

@@ -31,9 +31,9 @@ from pipeline import distributed
 from pipeline.atomic import OutputLock, atomic_path, write_json
 from pipeline.cache import ShardTargets, TeacherCache
 from pipeline.config import TrainConfig, to_dict, write_resolved
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, reason
 from pipeline.progress import Progress
-from pipeline.shards import MixedBatches, Sample, iterate_batches
+from pipeline.shards import MixedBatches, Sample, iterate_batches, usable_workers
 from pipeline.student import Student, build_student, save_checkpoint, student_input, student_on
 from pipeline.teacher import autocast, resolve_device
 from pipeline.views import apply_view
@@ -153,8 +153,7 @@ class RunState:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
             fingerprint = state["fingerprint"]
         except (KeyError, RuntimeError, OSError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as err:
-            reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-            raise PipelineError(f"{self.path}: not a checkpoint of this run ({reason}); delete it to start over") \
+            raise PipelineError(f"{self.path}: not a checkpoint of this run ({reason(err)}); delete it to start over") \
                 from None
         if fingerprint != self.fingerprint:
             log.warning("%s: written with other settings; starting over", self.path)
@@ -256,18 +255,19 @@ def loader_memory_bytes(config: TrainConfig, cache: TeacherCache, objective: Obj
         per_image += 4 * cache.header.num_anchors
     if objective.needs_embeddings:
         per_image += 4 * cache.header.embed_dim
-    return config.workers * config.prefetch * config.batch_size * per_image
+    return usable_workers(config.workers) * config.prefetch * config.batch_size * per_image
 
 
 def log_loader_memory(config: TrainConfig, cache: TeacherCache, objective: Objective) -> None:
     """State the shared-memory budget of the data path; refuse one that /dev/shm cannot hold."""
-    if config.workers == 0:
+    workers = usable_workers(config.workers)
+    if workers == 0:
         return
     need = loader_memory_bytes(config, cache, objective)
     shm = Path("/dev/shm")
     free = shutil.disk_usage(shm).free if shm.is_dir() else None
     log.info("data loader: %d workers x prefetch %d x %d images = %.0f MB of shared memory%s",
-             config.workers, config.prefetch, config.batch_size, need / 1e6,
+             workers, config.prefetch, config.batch_size, need / 1e6,
              f" ({free / 1e6:.0f} MB free in /dev/shm)" if free is not None else "")
     if free is not None and need > free:
         raise PipelineError(

@@ -37,7 +37,7 @@ from pipeline.features import extract_features, top1, zero_shot_scores
 from pipeline.losses import psd_loss
 from pipeline.progress import Progress
 from pipeline.prompts import class_anchors
-from pipeline.shards import list_shards, read_classes
+from pipeline.shards import list_shards, read_classes, usable_workers
 from pipeline.student import save_checkpoint
 from pipeline.teacher import Teacher, TeacherSpec, build_model, resolve_teacher
 from pipeline.training import decay_groups, learning_rate
@@ -156,7 +156,7 @@ def run(config: DemoTeacherConfig) -> dict[str, Any]:
                            config.crop_ratio, config.caption_noise)
     sampler = range(step * config.batch_size, config.steps * config.batch_size)
     loader = DataLoader(stream, batch_size=config.batch_size, sampler=sampler,
-                        num_workers=config.workers, drop_last=True)
+                        num_workers=usable_workers(config.workers), drop_last=True)
     model.train()
     progress = Progress(config.steps, "demo-teacher", "step", initial=step)
     started = time.perf_counter() - elapsed

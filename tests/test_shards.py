@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import os
+import warnings
 
 import numpy as np
 import pytest
@@ -12,7 +15,14 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.errors import PipelineError
-from pipeline.shards import ShardBatches, iter_shard, iterate_batches, list_shards, read_classes
+from pipeline.shards import (
+    ShardBatches,
+    iter_shard,
+    iterate_batches,
+    list_shards,
+    read_classes,
+    usable_workers,
+)
 from stages import shards as shards_stage
 from tests.conftest import make_demo_shards, stage_config, write_image
 
@@ -160,3 +170,25 @@ def test_reader_with_workers_is_deterministic(demo_shards):
     assert keys(4) != first  # another seed, another order
     in_order = [k for batch in iterate_batches(ShardBatches(shards, 10, prepare), 0) for k in batch["keys"]]
     assert in_order == sorted(in_order)
+
+
+def test_workers_beyond_the_cores_are_capped_in_one_line(demo_shards, caplog):
+    """More DataLoader workers than cores: one log line, the loader made with as many workers as
+    cores, and no torch warning (it would repeat at every loader)."""
+    cores = len(os.sched_getaffinity(0))
+    shards = list_shards(demo_shards, "train")
+
+    def prepare(sample, context):
+        return {"worker": torch.tensor(torch.utils.data.get_worker_info().id)}
+
+    asked = cores + 37  # a count no other test asks for: the line is said once per process
+    with caplog.at_level(logging.INFO, logger="pipeline.shards"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            used = {int(w) for batch in iterate_batches(ShardBatches(shards, 10, prepare), workers=asked)
+                    for w in batch["worker"]}
+    assert used == set(range(min(cores, len(shards))))
+    assert usable_workers(asked) == cores and usable_workers(cores) == cores and usable_workers(0) == 0
+    capped = [r.getMessage() for r in caplog.records if "DataLoader workers" in r.getMessage()]
+    assert capped == [f"workers {asked}: this process may use {cores} CPU core(s); running {cores} DataLoader workers"]
+    assert not [w for w in caught if "worker" in str(w.message).lower()]
