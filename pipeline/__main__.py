@@ -34,6 +34,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: full option names at any width (rich cuts them at 80 columns)
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -98,22 +99,8 @@ def stage_command(name: str, stage: str, module: str, help: str) -> None:
         else:
             leaves.append((f.name, f.name, tp, f))
 
-    parameters = []
-    for option, dotted, tp, f in leaves:
-        shown = leaf_value(defaults, dotted) if defaults is not None else "from params.yaml"
-        choices = cfg.field_choices(f)
-        text = cfg.field_help(f) + (f"; one of {', '.join(choices)}" if choices else "")
-        text += f"  (default: {repr_default(shown)})"
-        flag = "--" + option.replace("_", "-")
-        decls = [f"{flag}/--no-{option.replace('_', '-')}"] if tp is bool else [flag]
-        parameters.append(
-            inspect.Parameter(
-                option,
-                inspect.Parameter.KEYWORD_ONLY,
-                default=typer.Option(None, *decls, help=text, show_default=False),
-                annotation=Optional[tp],  # noqa: UP045 (typer needs a typing.Optional)
-            )
-        )
+    parameters = [option_parameter(option, tp, f, leaf_value(defaults, dotted) if defaults is not None else None)
+                  for option, dotted, tp, f in leaves]
 
     def command(**options: Any) -> None:
         config = cfg.load_config(stage, active_params())
@@ -126,6 +113,22 @@ def stage_command(name: str, stage: str, module: str, help: str) -> None:
     command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     command.__doc__ = help
     app.command(name, help=help)(command)
+
+
+def option_parameter(option: str, tp: Any, f: Any, default: Any) -> inspect.Parameter:
+    """The command-line option `--OPTION` of config field `f` (type `tp`): its help with the choices
+    and the params file's value (`default`; None: not readable now, reported when a command runs)."""
+    choices = cfg.field_choices(f)
+    text = cfg.field_help(f) + (f"; one of {', '.join(choices)}" if choices else "")
+    text += f"  (default: {repr_default(default) if default is not None else 'from params.yaml'})"
+    flag = "--" + option.replace("_", "-")
+    decls = [f"{flag}/--no-{option.replace('_', '-')}"] if tp is bool else [flag]
+    return inspect.Parameter(
+        option,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=typer.Option(None, *decls, help=text, show_default=False),
+        annotation=Optional[tp],  # noqa: UP045 (typer needs a typing.Optional)
+    )
 
 
 def repr_default(value: Any) -> str:
@@ -195,48 +198,84 @@ def probe_default(key: str) -> str:
         return f"probe.{key} of params.yaml"  # reported when the command runs, not while listing commands
 
 
+FROM_CHECKPOINT = "the path the student's checkpoint records, if it exists here"
 STUDENT_HELP = f"distilled student checkpoint (default: {probe_default('student')})"
-CACHE_HELP = f"teacher cache holding the anchors the student was distilled against (default: {probe_default('cache')})"
-SHARDS_HELP = f"shard directory whose classes.json names the cache's classes (default: {probe_default('shards')})"
+CACHE_HELP = (f"teacher cache holding the anchors the student was distilled against (default: {FROM_CHECKPOINT}; "
+              f"else {probe_default('cache')})")
+SHARDS_HELP = (f"shard directory whose classes.json names the cache's classes (default: {FROM_CHECKPOINT}; "
+               f"else {probe_default('shards')})")
+
+
+def teacher_parameters() -> list[inspect.Parameter]:
+    """--teacher-model, --teacher-pretrained, ...: TeacherConfig's fields, with the help and the params
+    defaults that every stage shows for them."""
+    try:
+        defaults = cfg.load_config("probe", PARAMS_PATH).teacher  # the params' teacher section
+    except PipelineError:
+        defaults = None  # reported when the command runs, not while listing commands
+    return [option_parameter(f"teacher_{f.name}", tp, f, getattr(defaults, f.name) if defaults is not None else None)
+            for f, tp in cfg.config_fields(cfg.TeacherConfig)]
+
+
+def with_teacher_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give `command` the teacher options of the other stages; it receives them as `**teacher_options`."""
+    signature = inspect.signature(command)
+    own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    command.__signature__ = signature.replace(parameters=[*own, *teacher_parameters()])  # type: ignore[attr-defined]
+    return command
+
+
+def given_teacher(teacher_options: dict[str, Any]) -> cfg.TeacherConfig | None:
+    """The params' teacher section with the teacher options given applied over it; None if none given."""
+    changes = {name.removeprefix("teacher_"): value for name, value in teacher_options.items() if value is not None}
+    return cfg.override(cfg.load_config("probe", active_params()).teacher, changes) if changes else None
 
 
 @app.command("predict")
+@with_teacher_options
 def predict(
     images: list[Path] = typer.Argument(..., help="image files, or folders searched recursively for images"),
     student: Path = typer.Option(None, help=STUDENT_HELP),
     cache: Path = typer.Option(None, help=CACHE_HELP),
     shards: Path = typer.Option(None, help=SHARDS_HELP),
-    teacher: bool = typer.Option(False, "--teacher", help="also the teacher's top classes (teacher section of the "
-                                 "params file; must be the teacher the cache records)"),
+    teacher: bool = typer.Option(False, "--teacher", help="also the teacher's top classes (the params' teacher "
+                                 "section with the --teacher-* options over it; must be the teacher the cache "
+                                 "records)"),
     json_file: Path = typer.Option(None, "--json", help="also write every prediction to this JSON file"),
     top: int = typer.Option(5, help="classes shown per image"),
     device: str = typer.Option(None, help=f"auto, cpu or cuda (default: {probe_default('device')})"),
+    **teacher_options: Any,
 ) -> None:
     """Print the student's top-5 classes, with probabilities, for image files and folders."""
     from stages import predict as predict_stage
 
     probe = cfg.load_config("probe", active_params())
     distill = cfg.load_config("distill", active_params())
+    teacher_config = given_teacher(teacher_options)  # checked against the cache even without --teacher
+    if teacher and teacher_config is None:
+        teacher_config = probe.teacher
     predict_stage.run(predict_stage.PredictConfig(
-        inputs=tuple(images), student=student or Path(probe.student), cache=cache or Path(probe.cache),
-        shards=shards or Path(probe.shards), tau_student=distill.tau_student, tau_teacher=distill.tau_teacher,
-        teacher=probe.teacher if teacher else None, device=device or probe.device, json=json_file, top=top))
+        inputs=tuple(images), files=predict_stage.StudentFiles(student, cache, shards, active_params()),
+        tau_student=distill.tau_student, tau_teacher=distill.tau_teacher, teacher=teacher_config,
+        show_teacher=teacher, device=device or probe.device, json=json_file, top=top))
 
 
 @app.command("export")
+@with_teacher_options
 def export(
     out: Path = typer.Option(..., "--out", help="directory for student.torchscript.pt, student.onnx, "
                              "anchors.npy and classes.json"),
     student: Path = typer.Option(None, help=STUDENT_HELP),
     cache: Path = typer.Option(None, help=CACHE_HELP),
     shards: Path = typer.Option(None, help=SHARDS_HELP),
+    **teacher_options: Any,
 ) -> None:
     """Write the student as TorchScript and ONNX image encoders, with its anchors and class names."""
     from stages import export as export_stage
+    from stages.predict import StudentFiles
 
-    probe = cfg.load_config("probe", active_params())
-    export_stage.run(student or Path(probe.student), cache or Path(probe.cache), shards or Path(probe.shards), out,
-                     cfg.load_config("distill", active_params()).tau_student)
+    export_stage.run(StudentFiles(student, cache, shards, active_params()), out,
+                     cfg.load_config("distill", active_params()).tau_student, given_teacher(teacher_options))
 
 
 def main(argv: list[str] | None = None) -> int:

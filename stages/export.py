@@ -7,8 +7,13 @@ Writes, each atomically (temporary name, then rename):
 - `student.onnx`: the same image encoder as ONNX (input `pixels`: float32 in [0, 1], dynamic
   batch; output `embeddings`);
 - `anchors.npy`: the cache's anchors (K, D) float32, unit norm;
-- `classes.json`: image size, input convention, tau, the classes (index, id, name, label) and,
-  per anchor, its class index and label.
+- `classes.json`: image size, input convention, tau, the cache's anchor digest and teacher
+  identity (an object: `pipeline.teacher.parse_identity`), the classes (index, id, name, label)
+  and, per anchor, its class index and label.
+
+The student, its cache and its shards are found as `predict` finds them (`--student`, `--cache`,
+`--shards`, else the student's checkpoint, else the params' probe section); teacher options, if
+given, are checked against the cache (the teacher is not built).
 
 Classify: cosine of the embedding with the anchors, per class the best anchor, softmax over
 classes of score / tau — what `predict` does (README, "Using the student").
@@ -29,8 +34,10 @@ import numpy as np
 import torch
 
 from pipeline.atomic import atomic_path, write_json
+from pipeline.config import TeacherConfig
 from pipeline.errors import PipelineError
-from stages.predict import AnchorClassifier, load_classifier
+from pipeline.teacher import parse_identity
+from stages.predict import AnchorClassifier, StudentFiles, check_teacher, open_classifier
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +77,7 @@ def classes_payload(classifier: AnchorClassifier) -> dict[str, Any]:
         "embedding_dim": int(classifier.anchors.shape[1]),
         "anchor_mode": classifier.cache.header.anchor_mode,
         "anchor_digest": classifier.cache.header.prompt_digest,
-        "teacher_identity": classifier.cache.header.teacher_identity,
+        "teacher_identity": parse_identity(classifier.cache.header.teacher_identity),
         "classes": [{"index": c.index, "id": c.id, "name": c.name, "label": label}
                     for c, label in zip(classifier.classes, labels, strict=True)],
         "anchors": [{"index": k, "class": int(c), "label": labels[int(c)]}
@@ -136,9 +143,16 @@ def warn_if_different(differences: dict[str, float]) -> None:
                         name, value, MAX_DIFFERENCE)
 
 
-def run(student: Path, cache: Path, shards: Path, out: Path, tau_student: float) -> dict[str, Any]:
-    """Write the four files under `out`; returns their paths and the check's max differences."""
-    classifier = load_classifier(student, cache, shards, tau_student)
+def run(files: StudentFiles, out: Path, tau_student: float, teacher: TeacherConfig | None = None) -> dict[str, Any]:
+    """Write the four files under `out`; returns their paths and the check's max differences.
+
+    The student, cache and shards are found as for `predict`; `teacher` (the teacher options given),
+    if any, must be the teacher the cache was made by (checked, not built).
+    """
+    classifier, uses = open_classifier(files, tau_student)
+    if teacher is not None:
+        uses += "; " + check_teacher(classifier, teacher, "or give no teacher options")
+    log.info("%s", uses)
     model = classifier.model.cpu().eval()
     out.mkdir(parents=True, exist_ok=True)
     size = classifier.image_size

@@ -9,8 +9,12 @@ the max over the class's prompts). tau_student is the one the student was distil
 Class names come from the classes.json of the shards the cache was made from. `--teacher`
 adds the teacher's top-5 (its own resolution, tau_teacher) for comparison.
 
-`load_classifier` is shared with `export`: both refuse a checkpoint that does not embed into
-the cache's anchor space.
+Where the files come from (`StudentFiles`, `open_classifier`): the student is `--student`, else
+the params' `probe.student`; the cache and the shards are `--cache`/`--shards`, else what the
+student's checkpoint records (`params.train.cache`/`.shards`, the run that made it) where that
+exists here, else the params' `probe` section. One info line says which files are used and
+where each came from. `open_classifier` is shared with `export`: both refuse a checkpoint that
+does not embed into the cache's anchor space, and a teacher the cache was not made by.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from PIL import UnidentifiedImageError
 
 from pipeline.atomic import write_json
 from pipeline.cache import TeacherCache
-from pipeline.config import TeacherConfig
+from pipeline.config import DEFAULT_PARAMS, TeacherConfig, load_config, to_dict
 from pipeline.errors import PipelineError
 from pipeline.features import zero_shot_scores
 from pipeline.shards import ClassInfo, decode_rgb, read_classes
@@ -41,14 +45,35 @@ BATCH_SIZE = 64  # images decoded and embedded together; output streams batch by
 
 
 @dataclass(frozen=True)
+class StudentFiles:
+    """The student, its cache and its shards as the command line names them (None: not given), and
+    the params file whose probe section is the last resort (see `open_classifier`)."""
+
+    student: Path | None = None
+    cache: Path | None = None
+    shards: Path | None = None  # the shard directory whose classes.json names the cache's classes
+    params: Path = DEFAULT_PARAMS
+
+
+@dataclass(frozen=True)
+class Source:
+    """A path and where it came from: an option, the student's checkpoint or the params."""
+
+    path: Path
+    origin: str
+
+    def __str__(self) -> str:
+        return f"{self.path} (from {self.origin})"
+
+
+@dataclass(frozen=True)
 class PredictConfig:
     inputs: tuple[Path, ...]  # image files and folders (searched recursively)
-    student: Path
-    cache: Path
-    shards: Path  # the shard directory whose classes.json names the cache's classes
+    files: StudentFiles
     tau_student: float  # used when the checkpoint does not record its own
     tau_teacher: float
-    teacher: TeacherConfig | None = None  # None: student only
+    teacher: TeacherConfig | None = None  # checked against the cache before anything runs; None: no check
+    show_teacher: bool = False  # also the teacher's top classes (`teacher` is the one run)
     device: str = "auto"
     json: Path | None = None
     top: int = 5
@@ -65,6 +90,7 @@ class AnchorClassifier:
     classes: list[ClassInfo]
     tau: float
     cache: TeacherCache
+    student: Path
 
     @property
     def image_size(self) -> int:
@@ -105,24 +131,79 @@ def check_classes(classes: list[ClassInfo], cache: TeacherCache, shards: Path) -
                             f"none of {cache.path}'s prompts; {fix}")
 
 
-def load_classifier(student: Path, cache_path: Path, shards: Path, tau_student: float) -> AnchorClassifier:
-    """The student, the anchors it was distilled against, the class names and its temperature."""
+def anchor_classifier(model: Student, checkpoint: dict[str, Any], student: Path, cache_path: Path, shards: Path,
+                      tau_student: float) -> AnchorClassifier:
+    """A loaded student with the anchors it was distilled against, the class names and its temperature,
+    once they fit together."""
     cache = TeacherCache(cache_path)
-    model, checkpoint = load_student(student)
     spec = checkpoint["model"]
     if not spec.get("normalize_output") or spec.get("out_dim") != cache.header.embed_dim:
         raise PipelineError(f"{student}: not a distilled student embedding into {cache_path}'s "
                             f"{cache.header.embed_dim}-d anchor space (a supervised reference?); "
                             f"pass --student with a checkpoint written by distill")
-    if checkpoint.get("anchor_digest") != cache.header.prompt_digest:
-        raise PipelineError(f"{student}: trained against other anchors than {cache_path}; "
-                            f"pass --cache with the cache the student was distilled from")
+    cache.require_student(student, checkpoint, fix=other_run_fix(cache_path, recorded_train(checkpoint).get("cache")))
     classes = read_classes(shards)
     check_classes(classes, cache, shards)
     tau = float(checkpoint.get("params", {}).get("tau_student", tau_student))
     anchors, anchor_classes = cache.anchors().float(), cache.anchor_classes()
     cache.close()  # the header is all that is asked of it from here on
-    return AnchorClassifier(model, checkpoint, anchors, anchor_classes, classes, tau, cache)
+    return AnchorClassifier(model, checkpoint, anchors, anchor_classes, classes, tau, cache, student)
+
+
+def other_run_fix(cache: Path, recorded: str | None) -> str:
+    """What to do about a student and a cache from different runs, given the cache its checkpoint records."""
+    if not recorded:
+        return "pass --cache with the cache the student was distilled from"
+    if not Path(recorded).exists():
+        return f"pass --cache with the cache the student was distilled from (its checkpoint records {recorded}, " \
+               f"not found here)"
+    if Path(recorded).resolve() == cache.resolve():
+        return f"{cache} was made again since the student was distilled; re-run distill, or pass --cache with " \
+               f"the cache the student was distilled from"
+    return f"pass --cache {recorded} (the cache its checkpoint records), or no --cache"
+
+
+def recorded_train(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The train section of the config the student was distilled with (empty if not recorded)."""
+    train = checkpoint.get("params", {}).get("train", {})
+    return train if isinstance(train, dict) else {}
+
+
+def locate(name: str, option: Path | None, recorded: str | None, params: Path) -> Source:
+    """`--NAME`, else the path the student's checkpoint records if it exists here, else the params' probe.NAME."""
+    if option is not None:
+        return Source(option, f"--{name}")
+    if recorded and Path(recorded).exists():
+        return Source(Path(recorded), "the student's checkpoint")
+    return Source(Path(getattr(load_config("probe", params), name)), f"probe.{name} of the params")
+
+
+def open_classifier(files: StudentFiles, tau_student: float) -> tuple[AnchorClassifier, str]:
+    """The classifier of `files`, and a line saying which files it uses and where each path came from."""
+    student = locate("student", files.student, None, files.params)
+    model, checkpoint = load_student(student.path)
+    recorded = recorded_train(checkpoint)
+    cache = locate("cache", files.cache, recorded.get("cache"), files.params)
+    shards = locate("shards", files.shards, recorded.get("shards"), files.params)
+    classifier = anchor_classifier(model, checkpoint, student.path, cache.path, shards.path, tau_student)
+    return classifier, (f"params {files.params}; student {student}, {classifier.image_size}px, tau "
+                        f"{classifier.tau:g}; cache {cache}, {classifier.anchors.shape[0]} anchors over "
+                        f"{len(classifier.classes)} classes; shards {shards}")
+
+
+def check_teacher(classifier: AnchorClassifier, teacher: TeacherConfig, or_else: str) -> str:
+    """Refuse (before it is built) a teacher the cache was not made by; returns its part of the info line."""
+    recorded = classifier.checkpoint.get("params", {}).get("teacher")
+    hint = f" (the student's checkpoint records {teacher_options(recorded)})" if isinstance(recorded, dict) else ""
+    classifier.cache.require(teacher_identity=teacher_identity(teacher),
+                             fix=f"pass the --teacher-* options of the teacher that made it{hint}, or fix the "
+                                 f"params' teacher section, {or_else}")
+    return "teacher " + " ".join(f"{key}={value}" for key, value in to_dict(teacher).items() if value)
+
+
+def teacher_options(teacher: dict[str, Any]) -> str:
+    """'--teacher-model ViT-B-32 --teacher-pretrained openai': the options naming a recorded teacher."""
+    return " ".join(f"--teacher-{key} {value}" for key, value in teacher.items() if value) or "no teacher options"
 
 
 def image_files(inputs: Sequence[Path]) -> list[Path]:
@@ -192,10 +273,8 @@ def student_encoder(classifier: AnchorClassifier, device_name: str) -> Encoder:
 
 
 def teacher_encoder(classifier: AnchorClassifier, config: PredictConfig) -> Encoder:
-    """The params' teacher, refused (before it is built) unless it is the one the cache records."""
+    """The teacher of `config` (already checked against the cache by `check_teacher`), built."""
     assert config.teacher is not None
-    classifier.cache.require(teacher_identity=teacher_identity(config.teacher),
-                             fix="fix the teacher section of the params file or drop --teacher")
     teacher = load_teacher(config.teacher, config.device)
     tau = float(classifier.checkpoint.get("params", {}).get("tau_teacher", config.tau_teacher))
     return Encoder(teacher.image_size, lambda pixels: teacher.encode_image(pixels).cpu(), tau)
@@ -232,13 +311,16 @@ def run(config: PredictConfig) -> list[dict[str, Any]]:
     `{"file", "error"}` for an unreadable one); write them to `config.json` if set."""
     if config.top < 1:
         raise PipelineError(f"option --top {config.top}: must be at least 1")
+    assert config.teacher is not None or not config.show_teacher
     files = image_files(config.inputs)
-    classifier = load_classifier(config.student, config.cache, config.shards, config.tau_student)
-    encoders = {"student": student_encoder(classifier, config.device)}
+    classifier, uses = open_classifier(config.files, config.tau_student)
     if config.teacher is not None:
+        uses += "; " + check_teacher(classifier, config.teacher,
+                                     "or drop --teacher" if config.show_teacher else "or give no teacher options")
+    log.info("%s", uses)
+    encoders = {"student": student_encoder(classifier, config.device)}
+    if config.show_teacher:
         encoders["teacher"] = teacher_encoder(classifier, config)
-    log.info("%s at %dpx, %d anchors over %d classes, tau %g", config.student, classifier.image_size,
-             classifier.anchors.shape[0], len(classifier.classes), classifier.tau)
     predictions: list[dict[str, Any]] = []
     for batch in chunks(read_images(files), BATCH_SIZE):
         predictions.extend(predict_batch(batch, encoders, classifier, config.top))
@@ -246,7 +328,7 @@ def run(config: PredictConfig) -> list[dict[str, Any]]:
         raise PipelineError(f"{' '.join(map(str, config.inputs))}: none of the {len(files)} file(s) could be "
                             f"read as an image; give JPEG, PNG or other image files")
     if config.json is not None:
-        write_json(config.json, {"student": str(config.student), "cache": str(config.cache),
+        write_json(config.json, {"student": str(classifier.student), "cache": str(classifier.cache.path),
                                  "tau_student": classifier.tau, "image_size": classifier.image_size,
                                  "predictions": predictions})
     return predictions

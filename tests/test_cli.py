@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -35,13 +36,38 @@ def test_every_command_has_help(command):
     assert "Usage" in result.stdout
 
 
+def words(text: str) -> str:
+    """Help text with its line wrapping undone."""
+    return " ".join(text.split())
+
+
 def test_help_shows_defaults_from_params():
     result = cli("shards", "--help")
-    assert "(default: data/shards/demo)" in result.stdout
-    assert "(default: 10000)" in result.stdout
+    assert "(default: data/shards/demo)" in words(result.stdout)
+    assert "(default: 10000)" in words(result.stdout)
     result = cli("distill", "--help")
     assert "--epochs" in result.stdout and "--tau-teacher" in result.stdout
     assert "--teacher-config" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["shards", "precompute", "distill", "probe", "predict", "export"])
+def test_help_at_80_columns_shows_every_option_name_whole(command):
+    """Every option of the command appears in full in --help on an 80-column terminal."""
+    import typer
+
+    from pipeline.__main__ import app
+
+    options = [name for param in typer.main.get_command(app).commands[command].params
+               if isinstance(param, typer.core.TyperOption) for name in param.opts + param.secondary_opts
+               if name.startswith("--")]
+    result = subprocess.run([sys.executable, "-m", "pipeline", command, "--help"], cwd=ROOT, capture_output=True,
+                            text=True, env={**os.environ, "COLUMNS": "80", "TERM": "xterm"})
+    assert result.returncode == 0, result.stderr
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    shown = set(re.findall(r"--[a-z0-9-]+", result.stdout))
+    assert len(options) >= 3 and [o for o in options if o not in shown] == []
+    if command != "shards":
+        assert "--teacher-checkpoint" in shown  # the option the offline route needs
 
 
 def test_params_file_sets_the_defaults(tmp_path):

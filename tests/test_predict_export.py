@@ -21,11 +21,11 @@ from pipeline.config import TeacherConfig
 from pipeline.errors import PipelineError
 from pipeline.shards import decode_rgb, iter_raw, list_shards
 from pipeline.student import load_student
-from pipeline.teacher import load_teacher
+from pipeline.teacher import load_teacher, parse_identity
 from pipeline.views import eval_view
-from stages import distill, export, precompute, predict
-from stages.predict import class_probabilities, load_classifier
-from tests.conftest import ROOT, precompute_config, stage_config, write_image
+from stages import distill, precompute, predict
+from stages.predict import StudentFiles, class_probabilities, open_classifier
+from tests.conftest import ROOT, make_tiny_teacher, precompute_config, stage_config, write_image
 
 SIZE = 32
 
@@ -33,6 +33,47 @@ SIZE = 32
 def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "COLUMNS": "250"})
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def info_line(stderr: str, logger: str) -> str:
+    """The one info line of predict or export: which files, and where each path came from."""
+    lines = [line for line in stderr.splitlines() if line.startswith(f"INFO {logger}: ")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def params_elsewhere(directory: Path, **changes: dict) -> Path:
+    """A copy of params.yaml whose probe section names files that do not exist, with section `changes`."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["probe"].update(student=str(directory / "missing/student.pt"), cache=str(directory / "missing/cache.h5"),
+                           shards=str(directory / "missing/shards"))
+    for section, values in changes.items():
+        params[section].update(values)
+    path = directory / "params-elsewhere.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def cli_in_process(*args: str, capsys, caplog) -> tuple[int, str, list[str]]:
+    """The command line in this process (no interpreter start): exit code, stderr, info lines of the stages."""
+    from pipeline.__main__ import main
+
+    caplog.clear()
+    code = main(list(args))
+    return code, capsys.readouterr().err, [r.getMessage() for r in caplog.records
+                                           if r.name.startswith("stages.") and r.levelname == "INFO"]
+
+
+def teacher_options(teacher: tuple[Path, Path]) -> list[str]:
+    config, weights = teacher
+    return ["--teacher-config", str(config), "--teacher-checkpoint", str(weights)]
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +90,15 @@ def trained(demo_shards, tiny_teacher, tmp_path_factory):
             "train.batch_size": 32, "train.epochs": 1, "train.workers": 0, "train.warmup_epochs": 0.0,
             "teacher.config": str(config), "teacher.checkpoint": str(weights)}))
     return {"student": out / "student.pt", "cache": cache, "shards": demo_shards}
+
+
+@pytest.fixture(scope="module")
+def other_cache(demo_shards, tiny_teacher, tmp_path_factory) -> Path:
+    """A cache of the same teacher and shards with other prompts (plain, not cpa): other anchors."""
+    cache = tmp_path_factory.mktemp("other") / "teacher.h5"
+    precompute.run(precompute_config(demo_shards, cache, tiny_teacher, views=1, **{
+        "prompts.set": "plain", "prompts.plain_templates": str(ROOT / "data/prompts/demo_plain.txt")}))
+    return cache
 
 
 @pytest.fixture(scope="module")
@@ -125,14 +175,18 @@ def test_predict_refuses_no_images_and_a_foreign_teacher(trained, images, tmp_pa
         f"error: {empty}: no image files (.bmp, .gif, .jpeg, .jpg, .png, .ppm, .tif, .tiff, .webp); "
         f"give image files or folders holding them")
     with pytest.raises(PipelineError, match="none of the 1 file.s. could be read as an image"):
-        predict.run(predict.PredictConfig(inputs=(images["broken"],), student=trained["student"],
-                                          cache=trained["cache"], shards=trained["shards"], tau_student=0.05,
-                                          tau_teacher=0.05, device="cpu"))
+        predict.run(predict.PredictConfig(inputs=(images["broken"],), files=StudentFiles(
+            trained["student"], trained["cache"], trained["shards"]), tau_student=0.05, tau_teacher=0.05,
+            device="cpu"))
     # params.yaml names the demo teacher; the cache was made by the tiny one
     result = cli("predict", "--teacher", "--student", str(trained["student"]), "--cache", str(trained["cache"]),
                  "--shards", str(trained["shards"]), str(images["files"][0]))
-    assert result.returncode == 2 and "made by teacher build differing from the params'" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    line = one_line_error(result)
+    assert line.startswith(f"error: {trained['cache']}: made by another teacher") and line.endswith("or drop --teacher")
+
+
+def load_classifier(student: Path, cache: Path, shards: Path) -> predict.AnchorClassifier:
+    return open_classifier(StudentFiles(student, cache, shards), tau_student=0.05)[0]
 
 
 def test_student_and_classes_must_fit_the_cache(trained, tmp_path):
@@ -140,47 +194,157 @@ def test_student_and_classes_must_fit_the_cache(trained, tmp_path):
     checkpoint["model"]["normalize_output"] = False  # what the supervised reference writes
     torch.save(checkpoint, tmp_path / "supervised.pt")
     with pytest.raises(PipelineError, match="not a distilled student embedding into"):
-        load_classifier(tmp_path / "supervised.pt", trained["cache"], trained["shards"], 0.05)
+        load_classifier(tmp_path / "supervised.pt", trained["cache"], trained["shards"])
     classes = json.loads((trained["shards"] / "classes.json").read_text())
     classes[5]["name"] = "heron"
     (tmp_path / "classes.json").write_text(json.dumps(classes))
     with pytest.raises(PipelineError, match=r"class 'heron' \(index 5\) appears in none of .*'s prompts"):
-        load_classifier(trained["student"], trained["cache"], tmp_path, 0.05)
+        load_classifier(trained["student"], trained["cache"], tmp_path)
     (tmp_path / "classes.json").write_text(json.dumps(classes[:-1]))
     with pytest.raises(PipelineError, match="47 classes, but .* has 48"):
-        load_classifier(trained["student"], trained["cache"], tmp_path, 0.05)
+        load_classifier(trained["student"], trained["cache"], tmp_path)
+
+
+def test_predict_takes_the_cache_and_shards_the_student_records(trained, images, tmp_path, capsys, caplog):
+    """After a run made with another params file, the student's checkpoint still finds its cache and shards."""
+    params = params_elsewhere(tmp_path)
+    out = tmp_path / "predictions.json"
+    result = cli("--params", str(params), "predict", "--student", str(trained["student"]), "--json", str(out),
+                 str(images["files"][0]))
+    assert result.returncode == 0, result.stderr
+    prediction = json.loads(out.read_text())
+    assert prediction["cache"] == str(trained["cache"])
+    best, probability = reference_top1(trained, images["files"][0])
+    assert prediction["predictions"][0]["student"][0]["class"] == best
+    assert prediction["predictions"][0]["student"][0]["probability"] == pytest.approx(probability, abs=1e-5)
+    assert info_line(result.stderr, "stages.predict").startswith(
+        f"INFO stages.predict: params {params}; student {trained['student']} (from --student), {SIZE}px, tau 0.07; "
+        f"cache {trained['cache']} (from the student's checkpoint), 48 anchors over 48 classes; "
+        f"shards {trained['shards']} (from the student's checkpoint)")
+
+    # a checkpoint whose recorded paths are gone here: the params' probe section, then an option, decide
+    checkpoint = torch.load(trained["student"], weights_only=True)
+    checkpoint["params"]["train"].update(cache=str(tmp_path / "gone.h5"), shards=str(tmp_path / "gone"))
+    moved = tmp_path / "moved-student.pt"
+    torch.save(checkpoint, moved)
+    params = params_elsewhere(tmp_path, probe={"student": str(moved), "cache": str(trained["cache"])})
+    code, err, info = cli_in_process("--params", str(params), "predict", "--shards", str(trained["shards"]),
+                                     "--json", str(out), str(images["files"][0]), capsys=capsys, caplog=caplog)
+    assert code == 0, err
+    assert json.loads(out.read_text())["predictions"][0]["student"][0]["class"] == best
+    assert len(info) == 1 and f"student {moved} (from probe.student of the params)" in info[0]
+    assert f"cache {trained['cache']} (from probe.cache of the params)" in info[0]
+    assert f"shards {trained['shards']} (from --shards)" in info[0]
+    code, err, info = cli_in_process("--params", str(params), "predict", str(images["files"][0]), capsys=capsys,
+                                     caplog=caplog)
+    assert code == 2 and not info
+    assert err == f"error: {tmp_path}/missing/shards/classes.json: not found; shard directories need a classes.json\n"
+
+
+def test_a_student_and_a_cache_from_different_runs_are_refused(trained, other_cache, images, tmp_path):
+    line = one_line_error(cli("predict", "--student", str(trained["student"]), "--cache", str(other_cache),
+                              "--shards", str(trained["shards"]), str(images["files"][0])))
+    # the message names both files (the wording of the check itself is `TeacherCache.require_student`'s)
+    assert line.startswith(f"error: {trained['student']}: distilled against another prompt set than {other_cache}")
+    assert line.endswith(f"; pass --cache {trained['cache']} (the cache its checkpoint records), or no --cache")
+    # the cache the checkpoint records was made again since (here: the checkpoint records the other cache)
+    checkpoint = torch.load(trained["student"], weights_only=True)
+    checkpoint["params"]["train"]["cache"] = str(other_cache)
+    torch.save(checkpoint, tmp_path / "student.pt")
+    with pytest.raises(PipelineError, match=rf"student.pt: distilled against .*{other_cache}.*; {other_cache} was "
+                                            rf"made again since the student was distilled; re-run distill"):
+        open_classifier(StudentFiles(tmp_path / "student.pt", shards=trained["shards"]), 0.05)
 
 
 def test_predict_with_the_teacher(trained, images, tiny_teacher, tmp_path):
-    config, weights = tiny_teacher
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["teacher"].update(model="", pretrained="", config=str(config), checkpoint=str(weights))
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    # params.yaml names the demo teacher: the options name the tiny one, which made the cache
     out = tmp_path / "predictions.json"
-    result = cli("--params", str(tmp_path / "params.yaml"), "predict", "--teacher", "--student",
-                 str(trained["student"]), "--cache", str(trained["cache"]), "--shards", str(trained["shards"]),
-                 "--json", str(out), "--top", "3", str(images["files"][0]))
+    result = cli("predict", "--teacher", *teacher_options(tiny_teacher), "--student", str(trained["student"]),
+                 "--cache", str(trained["cache"]), "--shards", str(trained["shards"]), "--json", str(out),
+                 "--top", "3", str(images["files"][0]))
     assert result.returncode == 0, result.stderr
     prediction = json.loads(out.read_text())["predictions"][0]
     assert len(prediction["student"]) == 3 and len(prediction["teacher"]) == 3
     # the teacher's best class is the one its embedding is closest to among the cache's anchors
-    teacher = load_teacher(TeacherConfig(**params["teacher"]), "cpu")
+    config, weights = tiny_teacher
+    teacher = load_teacher(TeacherConfig(model="", pretrained="", checkpoint=str(weights), config=str(config)),
+                           "cpu")
     image = decode_rgb(images["files"][0].read_bytes())
     similarity = teacher.encode_image(eval_view(image, teacher.image_size)[None]) @ TeacherCache(
         trained["cache"]).anchors().T
     assert prediction["teacher"][0]["class"] == int(similarity.argmax())
     assert "  teacher  " in result.stdout
+    assert info_line(result.stderr, "stages.predict").endswith(f"; teacher checkpoint={weights} config={config}")
+
+
+def test_predict_refuses_other_teacher_weights_before_building_a_model(trained, images, tiny_teacher, tmp_path,
+                                                                       monkeypatch, capsys):
+    from pipeline.__main__ import main
+
+    config, weights = tiny_teacher
+    other_config, other_weights = make_tiny_teacher(tmp_path / "other", seed=1)  # same architecture, other weights
+    other_weights = other_weights.rename(other_weights.with_name("other-clip.safetensors"))
+
+    def build(*args, **kwargs):
+        raise AssertionError("the teacher was built before it was checked against the cache")
+
+    monkeypatch.setattr(predict, "load_teacher", build)
+    code = main(["predict", "--teacher", "--teacher-config", str(config), "--teacher-checkpoint", str(other_weights),
+                 "--student", str(trained["student"]), "--cache", str(trained["cache"]), "--shards",
+                 str(trained["shards"]), str(images["files"][0])])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: {trained['cache']}: made by another teacher")
+    assert err.strip().endswith(f"(the student's checkpoint records --teacher-checkpoint {weights} "
+                                f"--teacher-config {config}), or fix the params' teacher section, or drop --teacher")
 
 
 @pytest.fixture(scope="module")
-def exported(trained, tmp_path_factory):
+def exported(trained, tiny_teacher, tmp_path_factory):
+    """export through the command line: the student only, with the teacher options (checked against
+    the cache); the cache and shards from its checkpoint, the params' fallback tau 0.5 unused."""
     out = tmp_path_factory.mktemp("export") / "student"
-    report = export.run(trained["student"], trained["cache"], trained["shards"], out, tau_student=0.5)
-    return out, report
+    params = params_elsewhere(out.parent, distill={"tau_student": 0.5})
+    result = cli("--params", str(params), "export", "--student", str(trained["student"]),
+                 *teacher_options(tiny_teacher), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+def test_export_takes_the_teacher_options(trained, exported, tiny_teacher, tmp_path, capsys, caplog):
+    out, result = exported
+    config, weights = tiny_teacher
+    line = info_line(result.stderr, "stages.export")
+    assert f"cache {trained['cache']} (from the student's checkpoint)" in line
+    assert f"shards {trained['shards']} (from the student's checkpoint)" in line
+    assert line.endswith(f"; teacher checkpoint={weights} config={config}")
+    for name in ["student.torchscript.pt", "student.onnx", "anchors.npy", "classes.json"]:
+        assert (out / name).is_file() and f"wrote {out / name} (" in result.stdout
+    # classes.json holds the cache's teacher identity as an object, field by field
+    header = TeacherCache(trained["cache"]).header
+    identity = json.loads((out / "classes.json").read_text())["teacher_identity"]
+    assert isinstance(identity, dict) and identity and identity == parse_identity(header.teacher_identity)
+
+    # a teacher the cache was not made by: refused in one line, nothing written
+    refused = tmp_path / "refused"
+    files = ["--student", str(trained["student"]), "--cache", str(trained["cache"]), "--shards", str(trained["shards"])]
+    code, err, _ = cli_in_process("export", *files, "--teacher-config", str(config), "--teacher-checkpoint",
+                                  str(tmp_path / "missing.safetensors"), "--out", str(refused), capsys=capsys,
+                                  caplog=caplog)
+    assert code == 2 and len(err.splitlines()) == 1 and "--teacher-checkpoint" in err, err
+    assert str(tmp_path / "missing.safetensors") in err
+    other_config, other_weights = make_tiny_teacher(tmp_path / "other", seed=1)
+    other_weights = other_weights.rename(other_weights.with_name("other-clip.safetensors"))
+    code, err, info = cli_in_process("export", *files, "--teacher-config", str(config), "--teacher-checkpoint",
+                                     str(other_weights), "--out", str(refused), capsys=capsys, caplog=caplog)
+    assert code == 2 and len(err.splitlines()) == 1 and not info, err
+    assert err.startswith(f"error: {trained['cache']}: made by another teacher")
+    assert err.endswith("or fix the params' teacher section, or give no teacher options\n")
+    assert not refused.exists()
 
 
 def test_exported_models_give_the_pytorch_embeddings(trained, exported):
-    out, report = exported
+    out, result = exported
     model, checkpoint = load_student(trained["student"])
     generator = torch.Generator().manual_seed(1)
     floats = torch.rand(5, 3, SIZE, SIZE, generator=generator)
@@ -194,8 +358,9 @@ def test_exported_models_give_the_pytorch_embeddings(trained, exported):
         for batch in (floats, floats[:1]):  # the batch axis is dynamic
             onnx_embeddings = session.run(["embeddings"], {"pixels": batch.numpy()})[0]
             assert np.abs(onnx_embeddings - model(batch).numpy()).max() <= 1e-4
-    assert set(report["max_abs_difference"]) == {"torchscript", "onnx"}
-    assert max(report["max_abs_difference"].values()) <= 1e-4
+    shown = re.search(r"max \|exported - PyTorch\| embedding difference: torchscript (\S+), onnx (\S+)$",
+                      result.stdout.strip())
+    assert shown and max(float(shown[1].rstrip(",")), float(shown[2])) <= 1e-4, result.stdout
 
     cache = TeacherCache(trained["cache"])
     np.testing.assert_array_equal(np.load(out / "anchors.npy"), cache.anchors().numpy())
