@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import distributed
+from pipeline import distributed, faults
 from pipeline.atomic import OutputLock, atomic_path, write_json
 from pipeline.cache import ShardTargets, TeacherCache
 from pipeline.config import TrainConfig, to_dict, write_resolved
@@ -199,6 +199,7 @@ def train(
         raise PipelineError("options --epochs must be >= 1 and --batch-size >= 2")
     if config.prefetch < 1 or config.mix_shards < 1:
         raise PipelineError("options --prefetch and --mix-shards must be at least 1")
+    faults.planned()  # a wrong CSM_DISTILL_FAULT is refused before any work
     process = distributed.start(resolve_device(config.device))
     device = distributed.local_device(resolve_device(config.device), process)
     torch.manual_seed(config.seed)  # every process starts from the same weights
@@ -244,6 +245,7 @@ def train_locked(config: TrainConfig, objective: Objective, cache: TeacherCache,
         if process.main:
             state.save(model, optimizer)
         distributed.barrier()
+        faults.kill_after("step", state.global_step)  # test hook: after an epoch's last step and its checkpoint
     distributed.stop()
     return model.eval(), state.history
 
@@ -353,6 +355,8 @@ def train_one_epoch(
                 state.epoch_sums = {**sums, "loss": totals[0], "score": totals[1], "images": totals[2],
                                     "seconds": elapsed}
                 state.save(model_of(model), optimizer)
+        if state.step_in_epoch < steps_per_epoch:  # an epoch's last step: after the epoch's checkpoint
+            faults.kill_after("step", state.global_step)  # test hook, see pipeline.faults
     batches.close()
     progress.close()
     seconds = sums["seconds"] + time.perf_counter() - started

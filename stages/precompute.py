@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import cache, distributed
+from pipeline import cache, distributed, faults
 from pipeline.atomic import OutputLock, write_json
 from pipeline.config import PrecomputeConfig, write_resolved
 from pipeline.errors import PipelineError
@@ -77,6 +77,7 @@ def run(config: PrecomputeConfig, allow_random_teacher: bool = False) -> dict[st
     Returns the metrics (on rank 0; an empty dict on the other ranks).
     """
     check_options(config)
+    faults.planned()  # a wrong CSM_DISTILL_FAULT is refused before any work
     process = distributed.start()
     try:
         with OutputLock(config.out) if process.main else contextlib.nullcontext():
@@ -221,7 +222,7 @@ def encode_shards(
     anchors_t = anchors.to(teacher.device).T
     pending: dict[int, dict[str, list]] = {}
     progress = Progress(sample_count([shards[s] for s in todo]), "precompute", "img")
-    images = 0
+    images, parts = 0, 0
     for batch in iterate_batches(dataset, config.workers, pin_memory=teacher.device.type == "cuda"):
         buffer = pending.setdefault(batch["shard"], {k: [] for k in
                                                      ("keys", "positions", "labels", "params",
@@ -251,6 +252,8 @@ def encode_shards(
             progress.update(n)
         if batch["last"]:
             write_shard_part(out, batch["shard"], pending.pop(batch["shard"]), header)
+            parts += 1
+            faults.kill_after("shard", parts)  # test hook, see pipeline.faults
     progress.close()
     return images
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +99,15 @@ def precompute_config(shards: Path, out: Path, teacher: tuple[Path, Path], **cha
                 "workers": 0, "batch_size": 64, "views": 4}
     settings.update({k.replace("__", "."): v for k, v in changes.items()})
     return override(load_config("precompute", PARAMS), settings)
+
+
+def run_with_fault(args: list[str], fault: str, log: Path, **options) -> subprocess.CompletedProcess:
+    """The command `args` run with CSM_DISTILL_FAULT=`fault` (pipeline.faults); `.stderr` is what it wrote
+    there, through the file `log`: a DataLoader worker outlives its killed parent for a few seconds
+    (until it notices), and would hold a pipe open, and the test waiting, as long."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as stderr:
+        result = subprocess.run(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, timeout=300,
+                                env={**os.environ, "CSM_DISTILL_FAULT": fault}, **options)
+    result.stderr = log.read_text()
+    return result

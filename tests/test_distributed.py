@@ -1,14 +1,12 @@
-"""Both stages under torchrun with 2 processes on CPU (gloo): equal results, resume after kill -9."""
+"""Both stages under torchrun with 2 processes on CPU (gloo): equal results, resume after kill -9
+(`CSM_DISTILL_FAULT`: every process kills itself at the same point, see pipeline.faults)."""
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
-import psutil
 import pytest
 import torch
 
@@ -22,30 +20,21 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(TORCHRUN + args, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+def run(args: list[str], fault: str = "") -> subprocess.CompletedProcess:
+    """torchrun over `args`; with `fault`, every process kills itself there (CSM_DISTILL_FAULT)."""
+    env = {**ENV, "CSM_DISTILL_FAULT": fault} if fault else ENV
+    return subprocess.run(TORCHRUN + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def run(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(TORCHRUN + args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-
-
-def kill_when(process: subprocess.Popen, ready, what: str) -> None:
-    deadline = time.time() + 300
-    while time.time() < deadline and not ready() and process.poll() is None:
-        time.sleep(0.02)
-    # kill -9 torchrun and its workers at once, as a preempted machine would
-    tree = psutil.Process(process.pid).children(recursive=True)
-    for worker in [psutil.Process(process.pid), *tree]:
-        worker.kill()
-    psutil.wait_procs(tree, timeout=30)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, f"the run must be killed {what}"
+def assert_killed(result: subprocess.CompletedProcess, fault: str) -> None:
+    """Both workers died by SIGKILL at `fault`, and torchrun reported it."""
+    assert result.returncode != 0, result.stderr[-3000:]
+    assert result.stderr.count(f"CSM_DISTILL_FAULT={fault}: killing process") == 2, result.stderr[-3000:]
+    assert "Signal 9 (SIGKILL) received by PID" in result.stderr, result.stderr[-3000:]
 
 
 def test_two_process_precompute_killed_and_resumed_equals_one_process(tmp_path, tiny_teacher):
-    shards = make_demo_shards(tmp_path / "shards", train=240, val=4, max_per_shard=8)  # 30 shards
+    shards = make_demo_shards(tmp_path / "shards", train=96, val=4, max_per_shard=8)  # 12 shards
     config, weights = tiny_teacher
     single = tmp_path / "single" / "teacher.h5"
     precompute.run(precompute_config(shards, single, tiny_teacher, views=4))
@@ -54,15 +43,15 @@ def test_two_process_precompute_killed_and_resumed_equals_one_process(tmp_path, 
     args = ["precompute", "--shards", str(shards), "--out", str(out), "--metrics", str(tmp_path / "m.json"),
             "--teacher-config", str(config), "--teacher-checkpoint", str(weights), "--workers", "0",
             "--views", "4", "--batch-size", "64"]
-    parts = out.parent / "teacher.h5.parts"
-    process = start(args)
-    kill_when(process, lambda: len(list(parts.glob("part-*.h5"))) >= 4, "between its first and last shard")
-    done = len(list(parts.glob("part-*.h5")))
-    assert 4 <= done < 30 and not out.exists()
+    killed = run(args, fault="kill-after-shard:2")
+    assert_killed(killed, "kill-after-shard:2")
+    # rank 0 encodes shards 0, 2, 4, ...; rank 1 shards 1, 3, 5, ...: each wrote its first two
+    parts = sorted(p.name for p in (out.parent / "teacher.h5.parts").glob("part-*"))
+    assert parts == [f"part-{shard:06d}.h5" for shard in range(4)] and not out.exists()
 
     resumed = run(args)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"{done} of 30 shards already done" in resumed.stderr
+    assert "4 of 12 shards already done" in resumed.stderr
     assert_same_file(single, out)  # every dataset and attribute, whatever the number of processes
 
 
@@ -85,30 +74,38 @@ def test_two_process_distill_learns_and_writes_a_loadable_student(demo_shards, d
     rows = [r.split(",") for r in (tmp_path / "distill.csv").read_text().splitlines()]
     assert rows[0][:3] == ["epoch", "loss", "agreement"] and len(rows) == 4
     assert float(rows[3][1]) < 0.8 * float(rows[1][1])  # the loss, summed over both processes, goes down
+    # the student written is the trained model of rank 0's last checkpoint, after 3 x 6 steps
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     model, checkpoint = load_student(tmp_path / "student.pt")
+    assert last["global_step"] == 18 and checkpoint["state_dict"].keys() == last["model"].keys()
+    assert all(torch.equal(checkpoint["state_dict"][name], value) for name, value in last["model"].items())
     embeddings = model(torch.rand(2, 3, 32, 32))
-    assert embeddings.shape == (2, 32)
     assert torch.allclose(embeddings.norm(dim=-1), torch.ones(2), atol=1e-5)
-    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["global_step"] == 18
 
 
 def test_killed_two_process_distill_resumes_to_the_same_weights(demo_shards, demo_cache, tiny_teacher, tmp_path):
     killed = distill_args(demo_shards, demo_cache, tiny_teacher, tmp_path / "killed", checkpoint_every=2)
     checkpoint = tmp_path / "killed" / "run" / "last.pt"
-    process = start(killed)
-    kill_when(process, checkpoint.exists, "before it ends")
-    step = torch.load(checkpoint, weights_only=True)["global_step"]
-    assert 0 < step < 12 and not (tmp_path / "killed" / "student.pt").exists()
+    # 2 epochs x 6 steps of 8 x 2 images; killed right after step 4, mid-epoch, and its checkpoint
+    assert_killed(run(killed, fault="kill-after-step:4"), "kill-after-step:4")
+    state = torch.load(checkpoint, weights_only=True)
+    assert (state["global_step"], state["epoch"], state["step_in_epoch"]) == (4, 0, 4)
+    assert not (tmp_path / "killed" / "student.pt").exists()
 
     resumed = run(killed)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming distill" in resumed.stderr
+    assert "resuming distill at epoch 1, step 4" in resumed.stderr
     clean = run(distill_args(demo_shards, demo_cache, tiny_teacher, tmp_path / "clean", checkpoint_every=2))
     assert clean.returncode == 0, clean.stderr
     a = torch.load(tmp_path / "killed" / "student.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "clean" / "student.pt", weights_only=True)["state_dict"]
     for name in a:
         assert torch.allclose(a[name].float(), b[name].float(), atol=1e-6), name
+    # the interrupted epoch's loss: rank 0's checkpoint carried both processes' sums
+    rows = {name: [r.split(",")[:4] for r in (tmp_path / name / "distill.csv").read_text().splitlines()[1:]]
+            for name in ("killed", "clean")}
+    for killed_row, clean_row in zip(rows["killed"], rows["clean"], strict=True):
+        assert [float(v) for v in killed_row] == pytest.approx([float(v) for v in clean_row], abs=2e-6)
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,18 @@ import sys
 from pathlib import Path
 
 import h5py
+import pytest
+import torch
+import torch.nn.functional as F
 import yaml
 
+from pipeline.cache import TeacherCache
+from pipeline.config import TeacherConfig
+from pipeline.features import extract_features
+from pipeline.shards import list_shards
+from pipeline.student import load_student
+from pipeline.teacher import load_teacher
+from stages.probe import backbone_and_embedding_encoders
 from tests.conftest import ROOT, write_image
 
 PROBE_KEYS = {
@@ -73,11 +83,29 @@ def test_dvc_repro_runs_everything_then_nothing_then_only_what_changed(tmp_path)
     assert ran_stages(first.stdout) == ["shards", "precompute", "distill", "supervised", "probe"]
     assert "student" in first.stdout and "linear top-1" in first.stdout  # the probe table
 
+    params = tiny_demo_params()
     metrics = json.loads((project / "metrics/probe.json").read_text())
-    assert {name: set(row) for name, row in metrics.items()} == PROBE_KEYS
-    assert all(0.0 <= v <= 1.0 for row in metrics.values() for v in row.values())
+    hits = {name: {key: value * 64 for key, value in row.items()} for name, row in metrics.items()}
+    assert {name: set(row) for name, row in hits.items()} == PROBE_KEYS
+    assert all(count == round(count) for row in hits.values() for count in row.values())  # of the 64 val images
+    teacher = metrics["teacher"]
     # the cache holds CPA class anchors: the probe's own CPA anchors give the same zero-shot
-    assert abs(metrics["teacher"]["zeroshot_top1"] - metrics["teacher"]["zeroshot_top1_cpa"]) <= 1 / 64
+    assert abs(teacher["zeroshot_top1"] - teacher["zeroshot_top1_cpa"]) <= 1 / 64
+    # the shipped demo teacher tells the homonyms apart with CPA prompts only (measured: 64 and 59 of 64)
+    assert teacher["zeroshot_top1_cpa"] >= 61 / 64
+    assert teacher["zeroshot_top1_plain"] <= teacher["zeroshot_top1_cpa"] - 2 / 64
+    # the student's zero-shot, scored here from its checkpoint and the cache's anchors
+    assert metrics["student"]["zeroshot_top1"] == student_zero_shot(project, params)
+
+    precompute_metrics = json.loads((project / "metrics/precompute.json").read_text())
+    cache = project / params["precompute"]["out"]
+    stored = cache.stat().st_size + sum(p.stat().st_size for p in cache.with_name(cache.name + ".parts").glob("*.h5"))
+    assert {k: precompute_metrics[k] for k in ("images", "views", "skipped", "file_bytes", "bytes_per_view")} == \
+        {"images": 160, "views": 320, "skipped": 0, "file_bytes": stored, "bytes_per_view": round(stored / 320, 1)}
+    distill_metrics = json.loads((project / "metrics/distill.json").read_text())
+    last_epoch = (project / "plots/distill.csv").read_text().splitlines()[-1].split(",")
+    assert distill_metrics["epochs"] == int(last_epoch[0]) == 1
+    assert distill_metrics["final_loss"] == pytest.approx(float(last_epoch[1]), abs=1e-6)
     for name in ("probe.png", "distill.png", "distill.csv", "supervised.csv"):
         assert (project / "plots" / name).stat().st_size > 0
 
@@ -90,9 +118,26 @@ def test_dvc_repro_runs_everything_then_nothing_then_only_what_changed(tmp_path)
     third = dvc(project, "repro")
     assert third.returncode == 0, third.stdout + third.stderr
     assert ran_stages(third.stdout) == ["distill", "probe"]
+    student = torch.load(project / params["distill"]["out"], weights_only=True)
+    assert student["params"]["tau_teacher"] == params["distill"]["tau_teacher"]
+    assert json.loads((project / "metrics/distill.json").read_text())["final_loss"] != distill_metrics["final_loss"]
 
     shown = dvc(project, "metrics", "show")
     assert shown.returncode == 0 and "metrics/probe.json" in shown.stdout
+
+
+def student_zero_shot(project: Path, params: dict) -> float:
+    """Zero-shot top-1 of the project's student on its val shards against its cache's class anchors,
+    with the student's features as the probe extracts them (same precision and batch)."""
+    probe = params["probe"]
+    model, _ = load_student(project / probe["student"])
+    _, embed = backbone_and_embedding_encoders(model, torch.device("cpu"), probe["precision"])
+    features, labels, _ = extract_features(list_shards(project / probe["shards"], "val"),
+                                           {"student": (params["train"]["image_size"], embed)}, probe["batch_size"], 0)
+    cache = TeacherCache(project / probe["cache"])
+    scores = features["student"] @ cache.anchors().T  # unit-norm embeddings: cosines; one anchor per class
+    assert cache.anchor_classes().tolist() == list(range(cache.header.num_classes))
+    return (scores.argmax(-1) == labels).sum().item() / len(labels)
 
 
 def fake_imagenet(root: Path, wnids: list[str], per_class: int) -> None:
@@ -132,8 +177,18 @@ def test_fake_imagenet_folder_through_the_imagenet_params(tmp_path, tiny_teacher
     assert classes[1]["name"] == "crane bird" and classes[1]["contexts"] == ["wading bird"]
     with h5py.File(cache) as f:
         prompts = [p.decode() for p in f["prompts/text"][:]]
-        assert f["anchors/embeddings"].shape == (4, 32)
-    assert len(prompts) == 4 * 80
+        prompt_classes = torch.from_numpy(f["prompts/class"][:]).long()
+        prompt_embeddings = torch.from_numpy(f["prompts/embeddings"][:])
+        anchors = torch.from_numpy(f["anchors/embeddings"][:])
+    assert len(prompts) == 4 * 80 and prompt_classes.tolist() == [c for c in range(4) for _ in range(80)]
+    # the teacher's embeddings of the stored prompts (the stage encoded them in bf16 on this CPU)
+    teacher = load_teacher(TeacherConfig(model="", pretrained="", checkpoint=str(weights), config=str(config)),
+                           "cpu", precision="fp32")
+    recomputed = teacher.encode_text(prompts[::40])
+    assert torch.allclose(prompt_embeddings[::40], recomputed, atol=1e-2)
+    # each class anchor: the normalised mean of its 80 unit-norm prompt embeddings
+    expected = torch.stack([F.normalize(prompt_embeddings[prompt_classes == c], dim=-1).mean(0) for c in range(4)])
+    assert torch.allclose(anchors, F.normalize(expected, dim=-1), atol=1e-6)
     assert "a bad photo of a crane bird, a type of wading bird." in prompts
     assert "a bad photo of a construction crane, a type of lifting device." in prompts
     metrics = json.loads((tmp_path / "probe.json").read_text())

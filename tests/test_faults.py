@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 import resource
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -18,13 +19,21 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from pipeline import cache
+from pipeline import cache, faults
+from pipeline.atomic import OutputLock
 from pipeline.errors import PipelineError
 from pipeline.shards import MixedBatches, iter_shard, list_shards
 from stages import distill, precompute, probe, supervised, verify
 from stages import inspect as inspect_stage
 from stages import shards as shards_stage
-from tests.conftest import ROOT, make_demo_shards, make_tiny_teacher, precompute_config, stage_config
+from tests.conftest import (
+    ROOT,
+    make_demo_shards,
+    make_tiny_teacher,
+    precompute_config,
+    run_with_fault,
+    stage_config,
+)
 from tests.test_distill import distill_config
 from tests.test_precompute import assert_same_file
 
@@ -185,49 +194,61 @@ def precompute_cli(shards: Path, out: Path, teacher, views: int) -> list[str]:
             "--teacher-checkpoint", str(weights), "--workers", "0", "--views", str(views), "--batch-size", "64"]
 
 
-def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline and not path.exists() and process.poll() is None:
-        time.sleep(0.02)
-    assert path.exists(), "the first run never took its lock"
-
-
-def test_a_second_precompute_on_one_output_is_refused_and_a_stale_lock_taken_over(tiny_teacher, tmp_path):
-    shards = make_demo_shards(tmp_path / "shards", train=2400, val=4, max_per_shard=100)
+def test_a_precompute_on_an_output_in_use_is_refused_and_a_stale_lock_taken_over(demo_shards, healthy,
+                                                                                  tiny_teacher, tmp_path):
     out = tmp_path / "cache" / "teacher.h5"
-    args = precompute_cli(shards, out, tiny_teacher, views=16)  # runs for ~20 s
-    first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = precompute_cli(demo_shards, out, tiny_teacher, views=4)
+    with OutputLock(out):  # a live holder: this process
+        refused = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    line = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(line) == 1, refused.stderr
+    assert f"teacher.h5: in use by process {os.getpid()} on " in line[0] and "wait for it to finish" in line[0]
+    assert not cache.parts_dir(out).exists()  # refused before anything was written
+    # killed by SIGKILL after its first part (pipeline.faults): its lock stays behind, stale
+    killed = run_with_fault(args, "kill-after-shard:1", tmp_path / "killed.log")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     lock = out.with_name("teacher.h5.lock")
-    wait_for(lock, first)
-    second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    line = second.stderr.strip().splitlines()
-    assert second.returncode == 2 and len(line) == 1, second.stderr
-    assert f"teacher.h5: in use by process {first.pid} on " in line[0] and "wait for it to finish" in line[0]
-    first.kill()  # kill -9: its lock stays behind, stale
-    first.wait()
-    assert lock.exists()
-    third = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert third.returncode == 0, third.stderr
-    assert f"taking over a stale lock of process {first.pid}" in third.stderr
-    assert not lock.exists() and out.exists()
+    dead = json.loads(lock.read_text())["pid"]
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"taking over a stale lock of process {dead} " in again.stderr
+    assert "1 of 3 shards already done" in again.stderr
+    assert not lock.exists()
+    assert_same_file(healthy / "a" / "teacher.h5", out)
 
 
-def test_a_second_distill_on_one_run_dir_is_refused(demo_shards, tiny_teacher, tmp_path, healthy):
+def test_a_distill_on_a_run_dir_in_use_is_refused(demo_shards, tiny_teacher, tmp_path, healthy):
     config, weights = tiny_teacher
     args = [sys.executable, "-m", "pipeline", "distill", "--shards", str(demo_shards), "--cache",
-            str(healthy / "a" / "teacher.h5"), "--image-size", "32", "--batch-size", "16", "--epochs", "30",
+            str(healthy / "a" / "teacher.h5"), "--image-size", "32", "--batch-size", "16", "--epochs", "1",
             "--workers", "0", "--teacher-config", str(config), "--teacher-checkpoint", str(weights),
             "--out", str(tmp_path / "student.pt"), "--run-dir", str(tmp_path / "run"),
             "--metrics", str(tmp_path / "m.json"), "--plot", str(tmp_path / "p.csv")]
-    first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(tmp_path / "run.lock", first)
+    with OutputLock(tmp_path / "run"):  # a live holder: this process (a killed distill's lock: test_distill)
         second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2, second.stderr
-        assert f"run: in use by process {first.pid} on " in second.stderr.strip()
-    finally:
-        first.kill()
-        first.wait()
+    assert second.returncode == 2, second.stderr
+    assert f"run: in use by process {os.getpid()} on " in second.stderr.strip()
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_fault_hook_reads_its_two_points_and_refuses_anything_else():
+    assert faults.parse("kill-after-step:7") == faults.Fault("step", 7)
+    assert faults.parse("kill-after-shard:12") == faults.Fault("shard", 12)
+    for value in ("kill-after-epoch:1", "kill-after-step:0", "kill-after-step", "kill-after-step:3 ", "1"):
+        with pytest.raises(PipelineError, match=rf"^environment CSM_DISTILL_FAULT='{value}': expected "
+                                                r"kill-after-step:N or kill-after-shard:N with N >= 1"):
+            faults.parse(value)
+
+
+def test_the_cli_refuses_a_wrong_fault_hook_value_before_any_work(demo_shards, tiny_teacher, tmp_path):
+    out = tmp_path / "cache" / "teacher.h5"
+    result = subprocess.run(precompute_cli(demo_shards, out, tiny_teacher, views=4), cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "CSM_DISTILL_FAULT": "kill-after-shards:1"})
+    line = error_line(result)
+    assert line == ("error: environment CSM_DISTILL_FAULT='kill-after-shards:1': expected kill-after-step:N or "
+                    "kill-after-shard:N with N >= 1 (a test hook that kills the process, see pipeline/faults.py); "
+                    "unset it for a normal run")
+    assert not out.parent.exists()
 
 
 # --------------------------------------------------------------------------- bad images and shards
