@@ -178,9 +178,9 @@ def run(config: DemoTeacherConfig) -> dict[str, Any]:
         progress.update()
         progress.set_postfix(loss=f"{terms['loss'].item():.3f}",
                              scale=f"{model.logit_scale.exp().item():.1f}")
-        if step % 100 == 0 or step == config.steps:
-            history.append({"step": step, "loss": round(terms["loss"].item(), 4), "alpha": round(alpha, 4)})
         evaluate_now = config.eval_every and step % config.eval_every == 0 and step < config.steps
+        if step % 100 == 0 or step == config.steps or evaluate_now:  # an evaluation gets its own step's entry
+            history.append({"step": step, "loss": round(terms["loss"].item(), 4), "alpha": round(alpha, 4)})
         if evaluate_now or step % 250 == 0:
             save_weights(model, out)
             if evaluate_now:
