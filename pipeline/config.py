@@ -1,9 +1,11 @@
 """Typed configuration of every stage, loaded from `params.yaml` (the DVC params file).
 
 `params.yaml` is the one place where defaults live: one section per stage, plus the shared
-`teacher` and `prompts` sections. Each stage's config is a frozen dataclass; a field whose
-type is itself a config dataclass is read from the top-level section of the same name.
-Unknown or missing keys are errors, so a typo never silently falls back to a default.
+`teacher` and `prompts` sections. Other params files (`params/imagenet-*.yaml`) are overlays that
+hold only what differs from it (`extends: ../params.yaml`, merged by `read_params`). Each
+stage's config is a frozen dataclass; a field whose type is itself a config dataclass is read
+from the top-level section of the same name. Unknown or missing keys are errors, so a typo
+never silently falls back to a default.
 The CLI builds its options from these dataclasses (`field_help`), so the option list, the
 YAML keys and the types are defined once, here.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -266,12 +269,43 @@ NESTED_SECTIONS: dict[str, type] = {
 }
 
 
+# The top-level key of an overlay params file: the path of its base (relative to the overlay).
+EXTENDS = "extends"
+
+
 def read_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    """The sections of a params file, each a mapping of keys to values.
+
+    A file with a top-level `extends: BASE` is an overlay: it holds only what differs from BASE (a
+    path relative to the overlay, e.g. `../params.yaml`), and is read as BASE with the overlay's
+    sections merged key by key (mappings merged, other values such as lists replaced whole). An
+    overlay may only set keys its base has, so a typo or a renamed option is an error rather than a
+    silent default; the base must be a complete params file, not an overlay itself.
+    """
     path = Path(path)
     if not path.is_file():
         raise PipelineError(
             f"{path}: params file not found; run from the project root or pass --params FILE"
         )
+    params = read_mapping(path)
+    if EXTENDS not in params:
+        return params
+    overlay = {key: value for key, value in params.items() if key != EXTENDS}
+    base_name = params[EXTENDS]
+    if not isinstance(base_name, str) or not base_name:
+        raise PipelineError(f"{path}: {EXTENDS}: expected the path of a params file (relative to this one), "
+                            f"got {base_name!r}")
+    base_path = Path(os.path.normpath(path.parent / base_name))
+    if not base_path.is_file():
+        raise PipelineError(f"{path}: {EXTENDS}: {base_path} not found (the path is relative to {path.parent})")
+    base = read_mapping(base_path)
+    if EXTENDS in base:
+        raise PipelineError(f"{path}: its base {base_path} is an overlay too ({EXTENDS}: {base[EXTENDS]}); "
+                            f"extend a complete params file such as params.yaml")
+    return merge_overlay(base, overlay, f"{path}", f"{base_path}")
+
+
+def read_mapping(path: Path) -> dict[str, Any]:
     try:
         params = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -279,6 +313,28 @@ def read_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise PipelineError(f"{path}: expected a mapping of sections at the top level")
     return params
+
+
+def merge_overlay(base: dict[str, Any], overlay: dict[str, Any], source: str, base_source: str,
+                  section: str = "") -> dict[str, Any]:
+    """`base` with `overlay`'s values: mappings merged key by key, any other value replaced whole."""
+    unknown = sorted(set(overlay) - set(base))
+    if unknown:
+        what, known = (f"key(s) {', '.join(unknown)} in section '{section}'", "keys") if section else \
+            (f"section(s) {', '.join(unknown)}", "sections")
+        raise PipelineError(f"{source}: unknown {what}, not in its base {base_source}; "
+                            f"known {known}: {', '.join(sorted(base))}")
+    merged = dict(base)
+    for key, value in overlay.items():
+        name = f"{section}.{key}" if section else key
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise PipelineError(f"{source}: '{name}' must be a mapping of the keys that differ from "
+                                    f"{base_source}, got {value!r}")
+            merged[key] = merge_overlay(base[key], value, source, base_source, name)
+        else:
+            merged[key] = value
+    return merged
 
 
 def config_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import typing
 
 import pytest
@@ -18,7 +20,7 @@ from pipeline.config import (
     read_params,
 )
 from pipeline.errors import PipelineError
-from tests.conftest import PARAMS
+from tests.conftest import PARAMS, ROOT
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_CONFIGS))
@@ -119,3 +121,72 @@ def test_every_field_of_every_section_refuses_bad_values_in_one_line(tmp_path, m
         expect_refusal(params, COMMAND_OF[section], f"unknown key(s) bogus_key in section '{section}'", "unknown key")
     assert not failures, f"{len(failures)} of {tried} bad values were not refused in one line:\n" + "\n".join(failures)
     assert tried >= 190  # every field of every section: 194 bad values and unknown keys today
+
+
+def write_overlay(directory, text: str, name: str = "overlay.yaml"):
+    """An overlay in `directory`/params/ over a copy of params.yaml in `directory`."""
+    (directory / "params.yaml").write_text(PARAMS.read_text())
+    (directory / "params").mkdir(exist_ok=True)
+    path = directory / "params" / name
+    path.write_text(text)
+    return path
+
+
+def test_an_overlay_is_its_base_with_the_keys_it_sets_changed(tmp_path):
+    overlay = write_overlay(tmp_path, "extends: ../params.yaml\n"
+                                      "precompute: {views: 5, crop_scale: [0.2, 0.9]}\n"
+                                      "train: {epochs: 3}\n")
+    base = load_config("precompute", PARAMS)
+    precompute = load_config("precompute", overlay)
+    assert precompute.views == 5 != base.views  # from the overlay
+    assert precompute.crop_scale == (0.2, 0.9)  # a list is replaced whole
+    assert precompute.batch_size == base.batch_size and precompute.teacher == base.teacher  # from the base
+    distill = load_config("distill", overlay)
+    assert distill.train.epochs == 3  # a nested section, merged key by key
+    assert distill.train.lr == read_params(PARAMS)["train"]["lr"]
+    assert distill.tau_teacher == load_config("distill", PARAMS).tau_teacher
+    assert "extends" not in read_params(overlay)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("extends: ../params.yaml\ntrain: {epochz: 3}\n",
+     r"overlay.yaml: unknown key\(s\) epochz in section 'train', not in its base .*params.yaml; "
+     r"known keys: arch, batch_size, cache, "),
+    ("extends: ../params.yaml\ntrian: {epochs: 3}\n",
+     r"overlay.yaml: unknown section\(s\) trian, not in its base .*; known sections: bench, demo_teacher, "),
+    ("extends: ../params.yaml\ntrain: 3\n", r"overlay.yaml: 'train' must be a mapping"),
+    ("extends: ../gone.yaml\n", r"overlay.yaml: extends: .*gone.yaml not found"),
+    ("extends: chained.yaml\n", r"overlay.yaml: its base .*chained.yaml is an overlay too"),
+    ("extends: [../params.yaml]\n", r"overlay.yaml: extends: expected the path of a params file"),
+])
+def test_overlay_mistakes_are_one_line_errors_naming_the_overlay(tmp_path, text, message):
+    overlay = write_overlay(tmp_path, text)
+    write_overlay(tmp_path, "extends: ../params.yaml\n", "chained.yaml")
+    with pytest.raises(PipelineError, match=message) as raised:
+        load_config("distill", overlay)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("name", ["imagenet-vit-b-32.yaml", "imagenet-vit-l-14.yaml"])
+def test_the_imagenet_params_are_overlays_of_params_yaml_that_hold_only_what_differs(name):
+    path = ROOT / "params" / name
+    raw = yaml.safe_load(path.read_text())
+    assert raw["extends"] == "../params.yaml"
+    base = read_params(PARAMS)
+    same = [f"{section}.{key}" for section, values in raw.items() if section != "extends"
+            for key, value in values.items() if base[section][key] == value]
+    assert not same, f"{name} repeats params.yaml's values of {same}"
+    for stage, cls in STAGE_CONFIGS.items():
+        assert type(load_config(stage, path)) is cls
+    assert load_config("precompute", path).teacher.pretrained == "openai"
+    assert load_config("distill", path).train.image_size == 224
+
+
+def test_help_shows_the_overlays_merged_defaults():
+    shown = subprocess.run([sys.executable, "-m", "pipeline", "--params", "params/imagenet-vit-b-32.yaml", "distill",
+                            "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    text = " ".join(shown.stdout.split())
+    assert "student input resolution (default: 224)" in text  # the overlay's
+    assert "hidden width of the mlp head (default: 512)" in text  # params.yaml's
+    assert "(default: ViT-B-32-quickgelu)" in text
