@@ -2,11 +2,15 @@
 
 Every row of `params/ablation.yaml` is `params.yaml` with a few overrides; the row runs
 precompute (shared between rows with the same precompute settings), distill and probe (without
-the supervised reference) into data/ablation/<row>/, and the script prints a markdown table of
-the student's linear and zero-shot top-1 with the cache's bytes per view, and writes
-metrics/ablation.json. Rows already done (their probe.json exists) are not run again, so an
-interrupted ablation continues where it stopped; a row whose resolved settings changed (its
-overrides, params.yaml's defaults, the teacher) runs again.
+the supervised reference) into data/ablation/<row>/. Each row becomes one record of the study
+file `--json` names (docs/results/ablation.json by default): the row's resolved overrides and the
+settings that decide its result (RECORDED), the teacher's identity, its figures (percentages of
+the val images, bytes per view) and where it ran. A record already there with the same settings
+is replaced, any other is kept; the study's page (docs/results/<study>.md) is then re-rendered
+by scripts/results.py. The script also prints the rows it ran as a markdown table. Rows already
+done (their probe.json exists) are not run again, so an interrupted ablation continues where it
+stopped; a row whose resolved settings changed (its overrides, params.yaml's defaults, the
+teacher) runs again.
 
     python scripts/ablation.py                 # all rows
     python scripts/ablation.py --rows "V = 1"  # some rows
@@ -16,7 +20,7 @@ stage (shared between rows with the same teacher settings, in data/ablation/teac
 it as the teacher of their cache; `params/teachers.yaml` compares teacher pre-training that way
 (CLIP vs PSD, two-tower vs MS-CLIP), and the table then adds the teacher's columns:
 
-    python scripts/ablation.py --rows-file params/teachers.yaml --json metrics/teachers.json
+    python scripts/ablation.py --rows-file params/teachers.yaml --json docs/results/teachers.json
 """
 
 from __future__ import annotations
@@ -25,19 +29,45 @@ import argparse
 import hashlib
 import json
 import logging
+import os
+import platform
 import re
+import subprocess
+from datetime import date
 from pathlib import Path
+from typing import Any
 
+import results  # scripts/results.py, the one renderer of docs/results (run as a script, its folder is on sys.path)
+import torch
 import yaml
 
 from pipeline.atomic import write_json
 from pipeline.cache import TeacherCache, stored_bytes_per_view
 from pipeline.config import DEFAULT_PARAMS, load_config, override, to_dict
 from pipeline.errors import PipelineError
-from pipeline.teacher import teacher_identity
+from pipeline.teacher import resolve_device, teacher_identity
 from stages import demo_teacher, distill, precompute, probe
 
 OUT = Path("data/ablation")
+SCRIPT_DIR = Path(__file__).resolve().parent
+# What a record states besides the row's own overrides: the settings that decide its figures
+# (resolved from params.yaml and the row), by config. Paths, workers and devices are left out.
+RECORDED = {
+    "precompute": ("views", "topk", "store_embeddings", "crop_scale", "crop_ratio", "flip", "seed", "precision"),
+    "prompts": ("set", "anchors"),
+    "train": ("shards", "arch", "head", "head_hidden", "image_size", "epochs", "batch_size", "optimizer", "lr",
+              "weight_decay", "momentum", "warmup_epochs", "seed", "mix_shards", "precision"),
+    "distill": ("loss", "tau_teacher", "tau_student", "embedding_weight"),
+    "demo_teacher": ("config", "arch", "objective", "psd_rho", "psd_alpha_max", "psd_ramp", "steps", "batch_size",
+                     "lr", "warmup_steps", "weight_decay", "seed", "caption_noise"),
+}
+PERCENT = "% of the val images (top-1)"
+UNITS = {"student_linear_top1": PERCENT + ", linear probe", "student_zeroshot_top1": PERCENT + ", zero-shot",
+         "teacher_linear_top1": PERCENT + ", linear probe", "teacher_zeroshot_top1": PERCENT + ", zero-shot",
+         "bytes_per_view": "B stored per view (pipeline.cache.stored_bytes_per_view)",
+         "teacher_steps": "training steps of the teacher",
+         "teacher_minutes": "minutes of teacher training (wall clock)"}
+GROUP = "run by scripts/ablation.py"
 
 
 def slug(name: str) -> str:
@@ -81,7 +111,8 @@ def row_teacher(overrides: dict[str, object], params: Path) -> dict[str, object]
             "teacher.checkpoint": str(out), "_metrics": json.loads(metrics_path.read_text())}
 
 
-def run_row(name: str, overrides: dict[str, object], params: Path) -> dict[str, object]:
+def run_row(name: str, overrides: dict[str, object], params: Path) -> dict[str, Any]:
+    """Run one row (or reuse its finished run) and return its record."""
     row_dir = OUT / slug(name)
     result_path = row_dir / "probe.json"
     teacher = row_teacher(overrides, params)
@@ -115,23 +146,127 @@ def run_row(name: str, overrides: dict[str, object], params: Path) -> dict[str, 
         write_json(stamp_path, stamp)
     header = TeacherCache(cache_path).header
     metrics = json.loads(result_path.read_text())
-    result = {
-        "row": name,
-        "overrides": {k: v for k, v in overrides.items() if not k.startswith("teacher.")},
-        "student_linear_top1": metrics["student"]["linear_top1"],
-        "student_zeroshot_top1": metrics["student"]["zeroshot_top1"],
-        "teacher_zeroshot_top1": metrics["teacher"]["zeroshot_top1"],
-        "views_per_image": header.views_per_image,
-        "topk": header.topk,
-        "bytes_per_view": round(stored_bytes_per_view(header.num_anchors, header.views_per_image,
-                                                      header.topk, header.embed_dim,
-                                                      header.store_embeddings), 1),
+    figures = {
+        "student_linear_top1": percent(metrics["student"]["linear_top1"]),
+        "student_zeroshot_top1": percent(metrics["student"]["zeroshot_top1"]),
+        "teacher_linear_top1": percent(metrics["teacher"]["linear_top1"]),
+        "teacher_zeroshot_top1": percent(metrics["teacher"]["zeroshot_top1"]),
+        "bytes_per_view": round(stored_bytes_per_view(header.num_anchors, header.views_per_image, header.topk,
+                                                      header.embed_dim, header.store_embeddings), 1),
     }
+    configs = {"precompute": precompute_config, "prompts": precompute_config.prompts, "train": distill_config.train,
+               "distill": distill_config, "probe": probe_config}
     if teacher_metrics is not None:
-        result.update(teacher_linear_top1=metrics["teacher"]["linear_top1"],
-                      teacher_steps=teacher_metrics["steps"],
-                      teacher_minutes=round(teacher_metrics["train_seconds"] / 60, 1))
-    return result
+        configs["demo_teacher"] = override(load_config("demo_teacher", params),
+                                           stage_changes(overrides, "demo_teacher"))
+        figures.update(teacher_steps=teacher_metrics["steps"],
+                       teacher_minutes=round(teacher_metrics["train_seconds"] / 60, 1))
+    return {
+        "label": name,
+        "group": GROUP,
+        "params": {**recorded_params(overrides, configs),
+                   "teacher.identity": teacher_identity(precompute_config.teacher)},
+        "figures": figures,
+        "machine": machine(resolve_device(distill_config.train.device)),
+        "commit": code_version(),
+        "measured": date.fromtimestamp(result_path.stat().st_mtime).isoformat(),
+    }
+
+
+def percent(fraction: float) -> float:
+    """A probe fraction as a percentage (4 decimals: drops float noise such as 98.65000000000001)."""
+    return round(100 * fraction, 4)
+
+
+def recorded_params(overrides: dict[str, object], configs: dict[str, Any]) -> dict[str, Any]:
+    """The row's overrides and RECORDED, as dotted keys with the values the stages resolved."""
+    keys = [k for k in overrides if not k.startswith("teacher.")]  # the teacher goes in by its identity
+    keys += [f"{section}.{field}" for section, fields in RECORDED.items() if section in configs for field in fields]
+    recorded = {}
+    for key in dict.fromkeys(keys):
+        section, *path = key.split(".")
+        if section not in configs:  # a section no stage of the row reads: recorded as given
+            recorded[key] = overrides[key]
+            continue
+        value: Any = to_dict(configs[section])
+        for part in path:
+            value = value[part]
+        recorded[key] = value
+    return recorded
+
+
+def machine(device: torch.device) -> str:
+    """Where a row ran, in words: the CPU (model, cores this process may use) and the GPU if any."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    where = f"{cores}-core CPU ({model})"
+    if device.type == "cuda":
+        where += f", {torch.cuda.get_device_name(device)}"
+    return where
+
+
+def code_version() -> str | None:
+    """The project's commit (with -dirty when its tracked files differ), or None outside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(SCRIPT_DIR), *args], capture_output=True, text=True,
+                              check=True, timeout=30).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def skeleton(path: Path, rows_file: str, teacher_rows: bool) -> dict[str, Any]:
+    """A new study file for these rows: the columns of the README's tables, no records yet."""
+    if teacher_rows:
+        figures = [("teacher steps", "teacher_steps"), ("teacher minutes", "teacher_minutes"),
+                   ("teacher zero-shot top-1", "teacher_zeroshot_top1"),
+                   ("teacher linear top-1", "teacher_linear_top1"), ("student linear top-1", "student_linear_top1"),
+                   ("student zero-shot top-1", "student_zeroshot_top1")]
+        settings = []
+    else:
+        figures = [("student linear top-1", "student_linear_top1"),
+                   ("student zero-shot top-1", "student_zeroshot_top1"), ("bytes / view", "bytes_per_view")]
+        settings = [{"header": "V", "param": "precompute.views"},
+                    {"header": "top-k", "param": "precompute.topk", "map": {"0": "full"}}]
+    return {
+        "study": path.stem,
+        "title": f"Rows of {rows_file}",
+        "description": f"`python scripts/ablation.py --rows-file {rows_file} --json {path}`: every row is params.yaml "
+                       "with the row's overrides, run through precompute, distill and probe.",
+        "columns": [{"header": "row", "field": "label"}, *settings,
+                    *({"header": header, "figure": figure} for header, figure in figures),
+                    {"header": "measured", "field": "measured"}, {"header": "note", "field": "note"}],
+        "units": UNITS,
+        "records": [],
+    }
+
+
+def print_table(records: list[dict[str, Any]]) -> None:
+    """The rows just run, as a markdown table."""
+    if all("teacher_steps" in r["figures"] for r in records):
+        print("| row | teacher steps | teacher minutes | teacher zero-shot top-1 | teacher linear top-1 | "
+              "student linear top-1 | student zero-shot top-1 |")
+        print("|---|---|---|---|---|---|---|")
+        for r in records:
+            f = r["figures"]
+            print(f"| {r['label']} | {f['teacher_steps']} | {f['teacher_minutes']} | "
+                  f"{f['teacher_zeroshot_top1']:.1f} | {f['teacher_linear_top1']:.1f} | "
+                  f"{f['student_linear_top1']:.1f} | {f['student_zeroshot_top1']:.1f} |")
+        return
+    print("| row | student linear top-1 | student zero-shot top-1 | V | top-k | bytes / view |")
+    print("|---|---|---|---|---|---|")
+    for r in records:
+        f, p = r["figures"], r["params"]
+        print(f"| {r['label']} | {f['student_linear_top1']:.1f} | {f['student_zeroshot_top1']:.1f} | "
+              f"{p['precompute.views']} | {p['precompute.topk'] or 'full'} | {f['bytes_per_view']} |")
 
 
 def main() -> None:
@@ -139,33 +274,29 @@ def main() -> None:
     parser.add_argument("--params", default=str(DEFAULT_PARAMS))
     parser.add_argument("--rows-file", default="params/ablation.yaml")
     parser.add_argument("--rows", nargs="*", help="run only these rows (names as in the rows file)")
-    parser.add_argument("--json", default="metrics/ablation.json")
+    parser.add_argument("--json", default="docs/results/ablation.json",
+                        help="the study file the rows' records go to (created if absent); its page is re-rendered")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     rows = yaml.safe_load(Path(args.rows_file).read_text())
     unknown = set(args.rows or []) - set(rows)
     if unknown:
         raise SystemExit(f"{args.rows_file}: no row(s) {', '.join(sorted(unknown))}")
+    chosen = {name: overrides or {} for name, overrides in rows.items() if not args.rows or name in args.rows}
+    study = Path(args.json)
+    teacher_rows = any(k.startswith("demo_teacher.") for overrides in chosen.values() for k in overrides)
+    new_study = skeleton(study, args.rows_file, teacher_rows)
+    records = []
     try:
-        results = [run_row(name, overrides or {}, Path(args.params)) for name, overrides in rows.items()
-                   if not args.rows or name in args.rows]
+        for name, overrides in chosen.items():
+            record = {**run_row(name, overrides, Path(args.params)),
+                      "source": f"scripts/ablation.py --rows-file {args.rows_file}"}
+            results.update_study(study, [record], new_study)  # each finished row is on record at once
+            records.append(record)
     except PipelineError as err:
         raise SystemExit(f"error: {err}") from None
-    write_json(args.json, {"rows": results})
-    if all("teacher_steps" in r for r in results):
-        print("| row | teacher steps | teacher minutes | teacher zero-shot top-1 | teacher linear top-1 | "
-              "student linear top-1 | student zero-shot top-1 |")
-        print("|---|---|---|---|---|---|---|")
-        for r in results:
-            print(f"| {r['row']} | {r['teacher_steps']} | {r['teacher_minutes']} | "
-                  f"{100 * r['teacher_zeroshot_top1']:.1f} | {100 * r['teacher_linear_top1']:.1f} | "
-                  f"{100 * r['student_linear_top1']:.1f} | {100 * r['student_zeroshot_top1']:.1f} |")
-        return
-    print("| row | student linear top-1 | student zero-shot top-1 | V | top-k | bytes / view |")
-    print("|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['row']} | {100 * r['student_linear_top1']:.1f} | {100 * r['student_zeroshot_top1']:.1f} | "
-              f"{r['views_per_image']} | {r['topk'] or 'full'} | {r['bytes_per_view']} |")
+    print_table(records)
+    print(f"wrote {len(records)} record(s) to {study} and its page {study.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -42,16 +42,20 @@ def test_two_rows_run_and_share_nothing_they_should_not(demo_shards, tiny_teache
     assert result.returncode == 0, result.stderr[-2000:]
     table = [line for line in result.stdout.splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(rows)
-    results = {r["row"]: r for r in json.loads((tmp_path / "ablation.json").read_text())["rows"]}
-    assert results["baseline"]["topk"] == 0 and results["top-1 targets"]["topk"] == 1
+    results = {r["label"]: {**r["params"], **r["figures"]}
+               for r in json.loads((tmp_path / "ablation.json").read_text())["records"]}
+    assert results["baseline"]["precompute.topk"] == 0 and results["top-1 targets"]["precompute.topk"] == 1
     assert results["top-1 targets"]["bytes_per_view"] < results["baseline"]["bytes_per_view"]
-    assert results["baseline"]["views_per_image"] == 2
+    assert results["baseline"]["precompute.views"] == 2
     assert len(list((tmp_path / "data/ablation/caches").glob("*.h5"))) == 2  # one cache per setting
     # the same teacher and anchors in both rows: only the student's targets differ
     assert results["baseline"]["teacher_zeroshot_top1"] == results["top-1 targets"]["teacher_zeroshot_top1"]
     # a second run reuses the finished rows
     again = run_ablation(tmp_path, rows, "ablation.json", timeout=120)
     assert again.returncode == 0 and "distill" not in again.stderr
+    # its records replace those with the same settings; the study's page shows them
+    assert len(json.loads((tmp_path / "ablation.json").read_text())["records"]) == 2
+    assert "| top-1 targets | 2 | 1 |" in (tmp_path / "ablation.md").read_text()
     # a changed default in params.yaml (here the student's batch) runs the rows again, on the same caches
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     params["train"]["batch_size"] = 8
@@ -67,8 +71,12 @@ def test_teacher_rows_pre_train_their_own_teacher_and_report_it(demo_shards, tin
     result = run_ablation(tmp_path, rows, "teachers.json")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| row | teacher steps | teacher minutes |" in result.stdout
-    results = {r["row"]: r for r in json.loads((tmp_path / "teachers.json").read_text())["rows"]}
-    assert results["clip"]["teacher_steps"] == 2 and 0 <= results["psd"]["teacher_linear_top1"] <= 1
+    results = {r["label"]: r["figures"] for r in json.loads((tmp_path / "teachers.json").read_text())["records"]}
+    assert results["clip"]["teacher_steps"] == 2
+    for row in ("clip", "psd"):  # each row's teacher figures are its own probe's, as percentages
+        measured = json.loads((tmp_path / "data/ablation" / row / "probe.json").read_text())["teacher"]
+        assert results[row]["teacher_linear_top1"] == round(100 * measured["linear_top1"], 4)
+        assert results[row]["teacher_zeroshot_top1"] == round(100 * measured["zeroshot_top1"], 4)
     teachers = sorted((tmp_path / "data/ablation/teachers").glob("*.safetensors"))
     assert len(teachers) == 2  # one teacher per row, each the teacher of its own cache
     assert len(list((tmp_path / "data/ablation/caches").glob("*.h5"))) == 2
