@@ -1,8 +1,8 @@
 """The demo ablation: anchors, loss, top-k targets and views per image at equal training budget.
 
 Every row of `params/ablation.yaml` is `params.yaml` with a few overrides; the row runs
-precompute (shared between rows with the same precompute settings), distill and probe (without
-the supervised reference) into data/ablation/<row>/. Each row becomes one record of the study
+precompute (shared between rows with the same precompute settings), distill and probe (the
+supervised reference too with `--supervised`) into data/ablation/<row>/. Each row becomes one record of the study
 file `--json` names (docs/results/ablation.json by default): the row's resolved overrides and the
 settings that decide its result (RECORDED), the teacher's identity, its figures (percentages of
 the val images, bytes per view) and where it ran. A record already there with the same settings
@@ -21,6 +21,11 @@ it as the teacher of their cache; `params/teachers.yaml` compares teacher pre-tr
 (CLIP vs PSD, two-tower vs MS-CLIP), and the table then adds the teacher's columns:
 
     python scripts/ablation.py --rows-file params/teachers.yaml --json docs/results/teachers.json
+
+The seed study is rows of `params/seeds.yaml` (the demo's defaults, one seed each), with the
+supervised reference at the same seed:
+
+    python scripts/ablation.py --rows-file params/seeds.yaml --json docs/results/demo-seeds.json --supervised
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from pipeline.cache import TeacherCache, stored_bytes_per_view
 from pipeline.config import DEFAULT_PARAMS, load_config, override, to_dict
 from pipeline.errors import PipelineError
 from pipeline.teacher import resolve_device, teacher_identity
-from stages import demo_teacher, distill, precompute, probe
+from stages import demo_teacher, distill, precompute, probe, supervised
 
 OUT = Path("data/ablation")
 SCRIPT_DIR = Path(__file__).resolve().parent
@@ -64,6 +69,7 @@ RECORDED = {
 PERCENT = "% of the val images (top-1)"
 UNITS = {"student_linear_top1": PERCENT + ", linear probe", "student_zeroshot_top1": PERCENT + ", zero-shot",
          "teacher_linear_top1": PERCENT + ", linear probe", "teacher_zeroshot_top1": PERCENT + ", zero-shot",
+         "supervised_linear_top1": PERCENT + ", linear probe of the supervised reference",
          "bytes_per_view": "B stored per view (pipeline.cache.stored_bytes_per_view)",
          "teacher_steps": "training steps of the teacher",
          "teacher_minutes": "minutes of teacher training (wall clock)"}
@@ -83,7 +89,7 @@ def stage_changes(overrides: dict[str, object], stage: str) -> dict[str, object]
             changes[rest] = value
         elif section == "prompts" or (section == "teacher" and stage != "demo_teacher"):
             changes[key] = value
-        elif section == "train" and stage in ("distill",):
+        elif section == "train" and stage in ("distill", "supervised"):
             changes[key] = value
     return changes
 
@@ -111,8 +117,9 @@ def row_teacher(overrides: dict[str, object], params: Path) -> dict[str, object]
             "teacher.checkpoint": str(out), "_metrics": json.loads(metrics_path.read_text())}
 
 
-def run_row(name: str, overrides: dict[str, object], params: Path) -> dict[str, Any]:
-    """Run one row (or reuse its finished run) and return its record."""
+def run_row(name: str, overrides: dict[str, object], params: Path, with_supervised: bool = False) -> dict[str, Any]:
+    """Run one row (or reuse its finished run) and return its record; `with_supervised` also trains
+    the supervised reference with the row's train settings and probes it beside the student."""
     row_dir = OUT / slug(name)
     result_path = row_dir / "probe.json"
     teacher = row_teacher(overrides, params)
@@ -131,17 +138,26 @@ def run_row(name: str, overrides: dict[str, object], params: Path) -> dict[str, 
         **stage_changes(overrides, "distill"), "train.cache": str(cache_path),
         "out": str(row_dir / "student.pt"), "run_dir": str(row_dir / "run"),
         "metrics": str(row_dir / "distill.json"), "plot": str(row_dir / "distill.csv")})
+    supervised_config = override(load_config("supervised", params), {
+        **stage_changes(overrides, "supervised"), "train.cache": str(cache_path),
+        "out": str(row_dir / "supervised.pt"), "run_dir": str(row_dir / "supervised-run"),
+        "metrics": str(row_dir / "supervised.json"), "plot": str(row_dir / "supervised.csv")})
     probe_config = override(load_config("probe", params), {
         **stage_changes(overrides, "probe"), "cache": str(cache_path),
-        "student": str(row_dir / "student.pt"), "supervised": "", "out": str(result_path),
-        "plots": str(row_dir), "distill_csv": str(row_dir / "distill.csv")})
+        "student": str(row_dir / "student.pt"), "supervised": supervised_config.out if with_supervised else "",
+        "out": str(result_path), "plots": str(row_dir), "distill_csv": str(row_dir / "distill.csv")})
     # A finished row is reused only while its resolved settings (and so its cache) are the same:
     # after a change of params.yaml's defaults the row runs again.
-    stamp = json.loads(json.dumps({"distill": to_dict(distill_config), "probe": to_dict(probe_config)}))
+    stamp = {"distill": to_dict(distill_config), "probe": to_dict(probe_config)}
+    if with_supervised:
+        stamp["supervised"] = to_dict(supervised_config)
+    stamp = json.loads(json.dumps(stamp))
     stamp_path = row_dir / "settings.json"
     if not (result_path.is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp):
         result_path.unlink(missing_ok=True)
         distill.run(distill_config)
+        if with_supervised:
+            supervised.run(supervised_config)
         probe.run(probe_config)
         write_json(stamp_path, stamp)
     header = TeacherCache(cache_path).header
@@ -156,6 +172,8 @@ def run_row(name: str, overrides: dict[str, object], params: Path) -> dict[str, 
     }
     configs = {"precompute": precompute_config, "prompts": precompute_config.prompts, "train": distill_config.train,
                "distill": distill_config, "probe": probe_config}
+    if with_supervised:
+        figures["supervised_linear_top1"] = percent(metrics["supervised"]["linear_top1"])
     if teacher_metrics is not None:
         configs["demo_teacher"] = override(load_config("demo_teacher", params),
                                            stage_changes(overrides, "demo_teacher"))
@@ -276,6 +294,8 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", help="run only these rows (names as in the rows file)")
     parser.add_argument("--json", default="docs/results/ablation.json",
                         help="the study file the rows' records go to (created if absent); its page is re-rendered")
+    parser.add_argument("--supervised", action="store_true",
+                        help="also train the supervised reference of every row (its train settings) and probe it")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     rows = yaml.safe_load(Path(args.rows_file).read_text())
@@ -289,7 +309,7 @@ def main() -> None:
     records = []
     try:
         for name, overrides in chosen.items():
-            record = {**run_row(name, overrides, Path(args.params)),
+            record = {**run_row(name, overrides, Path(args.params), args.supervised),
                       "source": f"scripts/ablation.py --rows-file {args.rows_file}"}
             results.update_study(study, [record], new_study)  # each finished row is on record at once
             records.append(record)

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import torch
 import yaml
 
 from tests.conftest import ROOT
@@ -26,11 +27,12 @@ def write_tiny_params(tmp_path, demo_shards, tiny_teacher, views: int) -> None:
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-def run_ablation(tmp_path, rows: dict, json_name: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_ablation(tmp_path, rows: dict, json_name: str, timeout: int = 600,
+                 *extra: str) -> subprocess.CompletedProcess:
     """scripts/ablation.py over `rows` with tmp_path's params.yaml, in tmp_path."""
     (tmp_path / "rows.yaml").write_text(yaml.safe_dump(rows))
     return subprocess.run([sys.executable, str(ROOT / "scripts/ablation.py"), "--params", "params.yaml",
-                           "--rows-file", "rows.yaml", "--json", json_name],
+                           "--rows-file", "rows.yaml", "--json", json_name, *extra],
                           cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
 
@@ -92,3 +94,20 @@ def test_teacher_rows_pre_train_their_own_teacher_and_report_it(demo_shards, tin
     again = run_ablation(tmp_path, rows, "teachers.json")
     assert again.returncode == 0, again.stderr[-2000:]
     assert len(list((tmp_path / "data/ablation/teachers").glob("*.safetensors"))) == 4
+
+
+def test_seed_rows_train_and_probe_the_supervised_reference_at_the_same_seed(demo_shards, tiny_teacher, tmp_path):
+    """--supervised (the seed study, params/seeds.yaml): every row trains the supervised reference
+    with the row's train settings; its record holds the reference's probe figure and the seed."""
+    write_tiny_params(tmp_path, demo_shards, tiny_teacher, views=1)
+    assert set(yaml.safe_load((ROOT / "params/seeds.yaml").read_text())["seed 1"]) == {"train.seed"}
+    rows = {"seed 1": {"train.seed": 1}}
+    result = run_ablation(tmp_path, rows, "seeds.json", 600, "--supervised")
+    assert result.returncode == 0, result.stderr[-2000:]
+    [record] = json.loads((tmp_path / "seeds.json").read_text())["records"]
+    measured = json.loads((tmp_path / "data/ablation/seed-1/probe.json").read_text())
+    assert record["params"]["train.seed"] == 1
+    assert record["figures"]["supervised_linear_top1"] == round(100 * measured["supervised"]["linear_top1"], 4)
+    assert record["figures"]["student_linear_top1"] == round(100 * measured["student"]["linear_top1"], 4)
+    reference = torch.load(tmp_path / "data/ablation/seed-1/supervised.pt", weights_only=True)
+    assert reference["params"]["train"]["seed"] == 1  # trained at the row's seed, not params.yaml's 0
