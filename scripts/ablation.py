@@ -87,9 +87,12 @@ def stage_changes(overrides: dict[str, object], stage: str) -> dict[str, object]
         section, _, rest = key.partition(".")
         if section == stage:
             changes[rest] = value
+        elif stage == "supervised":  # the supervised reference reads the train section only
+            if section == "train":
+                changes[key] = value
         elif section == "prompts" or (section == "teacher" and stage != "demo_teacher"):
             changes[key] = value
-        elif section == "train" and stage in ("distill", "supervised"):
+        elif section == "train" and stage == "distill":
             changes[key] = value
     return changes
 
