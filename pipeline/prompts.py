@@ -159,7 +159,6 @@ def keep(path: Path, embeddings: torch.Tensor) -> None:
         log.warning("%s: prompt embeddings not kept (%s); the next run encodes them again", path, reason(err))
 
 
-
 def class_anchors(encode_text, classes: Sequence[ClassInfo], config: PromptsConfig, prompt_set: str) -> torch.Tensor:
     """Per-class anchors (C, D) of `prompt_set` ("plain" or "cpa") with a text encoder.
 

@@ -167,20 +167,24 @@ def run_process(config: PrecomputeConfig, process: distributed.Process,
     return metrics
 
 
-def same_run(previous: dict[str, Any], state: dict[str, Any]) -> bool:
-    """Whether a partial run's state is this run's: the same settings and shards, and the same
-    teacher by content (its names may differ: a renamed weights file is the same teacher)."""
-    before, now = dict(previous["header"]), dict(state["header"])
-    if identity_difference(before.pop("teacher_identity", ""), now.pop("teacher_identity")):
-        return False
-    return before == now and previous["shards"] == state["shards"]
+def run_differences(previous: dict[str, Any], state: dict[str, Any]) -> list[str]:
+    """What differs between a partial run's state and this run's: the header's settings, the
+    teacher by content (its names may differ: a renamed weights file is the same teacher), the
+    shard names. Empty when the parts can be kept."""
+    before, now = previous["header"], state["header"]
+    changed = sorted(k for k in before.keys() | now.keys() if k != "teacher_identity" and before.get(k) != now.get(k))
+    teacher = identity_difference(before.get("teacher_identity", ""), now["teacher_identity"])
+    changed += [f"teacher: {teacher}"] if teacher else []
+    changed += ["shard names"] if previous["shards"] != state["shards"] else []
+    return changed
 
 
 def resume_or_start(out: Path, header: cache.CacheHeader, shard_names: list[str]) -> None:
     """Keep the parts of an interrupted run with the same settings; refuse a changed one."""
     state = {"header": header.to_attrs(), "shards": shard_names}
     previous = cache.read_state(out)
-    if previous is not None and not same_run(previous, state):
+    changed = run_differences(previous, state) if previous is not None else []
+    if changed:
         directory = cache.parts_dir(out)
         if out.is_file():
             raise PipelineError(
@@ -192,11 +196,6 @@ def resume_or_start(out: Path, header: cache.CacheHeader, shard_names: list[str]
                 f"{directory}: a partial run over a different shard list; the shards changed "
                 f"since. Delete {directory} to start over"
             )
-        changed = sorted(k for k in state["header"] if previous["header"].get(k) != state["header"][k]
-                         and k != "teacher_identity")
-        difference = identity_difference(previous["header"].get("teacher_identity", ""),
-                                         header.teacher_identity)
-        changed += [f"teacher: {difference}"] if difference else []
         raise PipelineError(
             f"{directory}: a partial run with other settings ({', '.join(changed)}); "
             f"delete {directory} to start over, or run with the same settings"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -223,3 +224,30 @@ def test_bytes_per_view_formula_matches_the_file(full_cache, demo_shards, tiny_t
     precompute.run(precompute_config(demo_shards, topk_out, tiny_teacher, topk=7, store_embeddings=True))
     expected = cache.stored_bytes_per_view(48, 4, topk=7, embed_dim=32, store_embeddings=True) - image_part
     assert views_storage(topk_out) == expected
+
+
+def test_a_partial_run_is_kept_for_the_same_teacher_under_another_name_and_refused_for_other_settings(tmp_path):
+    """resume_or_start compares the teacher by content: a renamed weights file keeps the parts;
+    other views or other weights are refused in one line that says what changed."""
+    identity = ("config=tiny-clip.json checkpoint=tiny-clip.safetensors weights_sha256=" + "a" * 64 +
+                " arch_kind=two-tower arch=2e8c7d6a54de preprocess=adbeca9adac6 act=gelu open_clip=3.3.0 "
+                "precision=bf16")
+    header = cache.CacheHeader(
+        teacher_identity=identity, embed_dim=32, teacher_image_size=32, teacher_mean=(0.5,) * 3,
+        teacher_std=(0.25,) * 3, views_per_image=2, crop_scale=(0.6, 1.0), crop_ratio=(0.75, 1.33), flip=True,
+        view_seed=0, prompt_digest="p" * 64, prompt_set="cpa", anchor_mode="class", num_classes=48, num_anchors=48,
+        shard_digest="s" * 64, topk=0, store_embeddings=False)
+    out = tmp_path / "teacher.h5"
+    shards = ["train-000000.tar", "train-000001.tar"]
+    precompute.resume_or_start(out, header, shards)
+    renamed = identity.replace("config=tiny-clip.json checkpoint=tiny-clip.safetensors",
+                               "config=mine.json checkpoint=my weights.safetensors")
+    precompute.resume_or_start(out, dataclasses.replace(header, teacher_identity=renamed), shards)  # kept
+    with pytest.raises(PipelineError) as error:
+        precompute.resume_or_start(out, dataclasses.replace(header, views_per_image=4), shards)
+    assert str(error.value) == (f"{out}.parts: a partial run with other settings (views_per_image); delete "
+                                f"{out}.parts to start over, or run with the same settings")
+    other = dataclasses.replace(header, teacher_identity=identity.replace("a" * 64, "b" * 64))
+    with pytest.raises(PipelineError, match=r"other settings \(teacher: weights sha256: cache aaaaaaaaaaaa\.\.\., "
+                                            r"params bbbbbbbbbbbb\.\.\.\)"):
+        precompute.resume_or_start(out, other, shards)
