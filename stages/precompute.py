@@ -120,12 +120,14 @@ def run_process(config: PrecomputeConfig, process: distributed.Process,
         resume_or_start(out, header, [s.name for s in shards])
         # rank 0 encodes the prompts into the store; after the barrier the other ranks read them there
         prompt_embeddings = encode_prompts(teacher, prompt_set.prompts, prompt_store(out))
+        # read before the barrier: after it, the other ranks' new parts would count as done before this run
+        done = cache.completed_parts(out, header.shard_digest)
     distributed.barrier()
     if not process.main:
         prompt_embeddings = encode_prompts(teacher, prompt_set.prompts, prompt_store(out))
-    done = cache.completed_parts(out, header.shard_digest)
+        done = cache.completed_parts(out, header.shard_digest)  # only this rank's shards matter to it
     todo = [s for s in range(process.rank, len(shards), process.world) if s not in done]
-    if done:
+    if done and process.main:
         log.info("resuming: %d of %d shards already done", len(done), len(shards))
 
     prompt_classes = torch.tensor(prompt_set.prompt_classes)
