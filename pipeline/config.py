@@ -138,6 +138,13 @@ class DemoTeacherConfig:
     prompts: PromptsConfig = opt("prompt templates (both plain and cpa anchors are measured)")
 
 
+PRECISION_CHOICES = ("bf16", "fp16", "tf32", "fp32")  # pipeline.precision.CHOICES
+PRECISION_HELP = ("bf16: mixed precision, bf16 where the device has it natively (CUDA 8.0+, CPUs with AVX512-BF16 "
+                  "or AMX), fp16 with loss scaling on older GPUs, fp32 on other CPUs; fp16: fp16 on CUDA; "
+                  "tf32: float32 with TF32 matmuls and convolutions on CUDA 8.0+; fp32: full precision, TF32 "
+                  "off (docs/performance.md)")
+
+
 @dataclass(frozen=True)
 class PrecomputeConfig:
     shards: str = opt("shard directory (reads its train-*.tar)")
@@ -152,8 +159,7 @@ class PrecomputeConfig:
     batch_size: int = opt("views per teacher forward", low=1)
     workers: int = opt(WORKERS_HELP)
     device: str = opt("auto, cpu or cuda")
-    precision: str = opt("teacher precision: bf16 autocast on GPU and on CPUs with native bf16, or fp32",
-                         choices=("bf16", "fp32"))
+    precision: str = opt(PRECISION_HELP, choices=PRECISION_CHOICES)
     metrics: str = opt("metrics JSON file to write")
     teacher: TeacherConfig = opt("the teacher")
     prompts: PromptsConfig = opt("the prompt set")
@@ -183,9 +189,17 @@ class TrainConfig:
     mix_shards: int = opt("shards each worker reads at a time and shuffles together: batches mix their "
                           "images; a worker holds their encoded bytes in memory", low=1)
     device: str = opt("auto, cpu or cuda")
-    precision: str = opt("bf16: autocast on GPU and on CPUs with native bf16 (AMX: ResNet-18 at 64 px trains "
-                         "1.8x faster here); fp32: full precision everywhere", choices=("bf16", "fp32"))
+    precision: str = opt(PRECISION_HELP + " (bf16 on a CPU with AMX: ResNet-18 at 64 px trains 1.8x faster)",
+                         choices=PRECISION_CHOICES)
     checkpoint_every: int = opt("also checkpoint every N steps (0: only at each epoch end)")
+    sync_every: int = opt("read the loss back from the device every N steps, for the progress line and the "
+                          "finite check (each read waits for the GPU to finish its queue)", low=1)
+    collective_timeout: float = opt("minutes a training step waits for the other torchrun processes before "
+                                    "the job fails (a rank stuck on a dead file system read)", open_low=True)
+    compile: bool = opt("torch.compile the student (a one-off compile time; faster steps on GPU)")
+    deterministic: bool = opt("deterministic CUDA kernels (torch.use_deterministic_algorithms, cuBLAS's "
+                              "fixed workspace, no cuDNN autotuning): runs repeat bit for bit on the same "
+                              "GPU, slower; CPU runs are deterministic without it")
 
 
 @dataclass(frozen=True)
@@ -228,9 +242,8 @@ class ProbeConfig:
     batch_size: int = opt("images per feature-extraction batch", low=1)
     workers: int = opt(WORKERS_HELP)
     device: str = opt("auto, cpu or cuda")
-    precision: str = opt("bf16: every model's features under bf16 autocast on GPU and on CPUs with native bf16 "
-                         "(the students 2.3x faster here, channels_last); fp32: full precision",
-                         choices=("bf16", "fp32"))
+    precision: str = opt(PRECISION_HELP + " (bf16 on a CPU with AMX: the students' features 2.3x faster)",
+                         choices=PRECISION_CHOICES)
     seed: int = opt("seed of the hold-out split")
     max_train_images: int = opt("fit the probes on at most this many train images (0: all)")
     teacher: TeacherConfig = opt("the teacher (must be the one the cache records)")

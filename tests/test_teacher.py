@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 from pipeline.cache import TeacherCache
 from pipeline.config import TeacherConfig
 from pipeline.errors import PipelineError
+from pipeline.precision import cpu_has_native_bf16
 from pipeline.shards import list_shards, sha256_file
 from pipeline.teacher import (
-    cpu_has_native_bf16,
     identity_difference,
     identity_warnings,
     is_torchscript_archive,
