@@ -5,7 +5,8 @@ Layout (FORMAT_VERSION 3):
   /  attributes: format_version, teacher_identity, embed_dim, teacher_image_size,
                  teacher_mean, teacher_std, views_per_image, view_fields, crop_scale,
                  crop_ratio, flip, view_seed, prompt_digest, prompt_set, anchor_mode,
-                 num_classes, num_anchors, shard_digest, topk, package_version
+                 num_classes, num_anchors, shard_digest, topk, package_version,
+                 teacher_device (informational, absent from older caches)
   prompts/text (P,) str, prompts/class (P,) int32, prompts/embeddings (P, D) float32
   anchors/embeddings (K, D) float32, anchors/class (K,) int32
   shards/name (S,) str, shards/image_start (S,) int64, shards/image_count (S,) int64
@@ -58,7 +59,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import h5py
 import numpy as np
@@ -87,7 +88,14 @@ def array_digest(array: np.ndarray) -> str:
 
 @dataclass(frozen=True)
 class CacheHeader:
-    """Everything that identifies a cache: written as root attributes, checked on reading."""
+    """Everything that identifies a cache: written as root attributes, checked on reading.
+
+    `teacher_device` (the GPU's name, or cpu) only informs: two GPUs give the same cache up to
+    rounding, so no check compares it (`INFORMATIONAL`), and a cache written before it existed
+    reads back with it empty.
+    """
+
+    INFORMATIONAL: ClassVar[tuple[str, ...]] = ("teacher_device",)
 
     teacher_identity: str
     embed_dim: int
@@ -107,12 +115,16 @@ class CacheHeader:
     shard_digest: str
     topk: int
     store_embeddings: bool
+    teacher_device: str = ""
     format_version: int = FORMAT_VERSION
     view_fields: str = ",".join(VIEW_FIELDS)
     package_version: str = __version__
 
     def to_attrs(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        """The root attributes. An empty informational field is left out, so that an older
+        cache's header gives the attributes it was written with (a distill run's fingerprint)."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()
+                if not (k in self.INFORMATIONAL and v == "")}
 
     @classmethod
     def from_attrs(cls, attrs: Any, path: Path) -> CacheHeader:
@@ -123,15 +135,17 @@ class CacheHeader:
                 f"{FORMAT_VERSION}; re-run `python -m pipeline precompute`"
             )
         values = {}
-        for name, f in cls.__dataclass_fields__.items():
-            value = attrs[name]
+        for f in dataclasses.fields(cls):  # not __dataclass_fields__: it lists INFORMATIONAL too
+            if f.name in cls.INFORMATIONAL and f.name not in attrs:
+                continue  # written before the field existed: its default
+            value = attrs[f.name]
             if isinstance(value, np.ndarray):
                 value = tuple(value.tolist())
             elif isinstance(value, np.generic):
                 value = value.item()
             if f.type in ("bool",):
                 value = bool(value)
-            values[name] = value
+            values[f.name] = value
         return cls(**values)
 
 
@@ -193,6 +207,15 @@ def expand_topk(indices: np.ndarray, values: np.ndarray, num_anchors: int) -> np
     full = np.full((indices.shape[0], num_anchors), -np.inf, dtype=np.float32)
     np.put_along_axis(full, indices.astype(np.int64), values.astype(np.float32), axis=1)
     return full
+
+
+def dense_similarities(values: torch.Tensor, indices: torch.Tensor | None, num_anchors: int) -> torch.Tensor:
+    """Float32 similarities to every anchor from targets as stored, on their device: full rows
+    (float16) widened, or top-k (values, anchor indices) scattered into -inf rows (as `expand_topk`)."""
+    if indices is None:
+        return values.float()
+    full = torch.full((*values.shape[:-1], num_anchors), -torch.inf, dtype=torch.float32, device=values.device)
+    return full.scatter_(-1, indices.long(), values.float())
 
 
 def topk_mass_outside(similarities: torch.Tensor, k: int, tau: float) -> torch.Tensor:
@@ -414,6 +437,9 @@ class ShardTargets:
     params: np.ndarray  # (n, V, 5), or (n, 5) for one view
     similarities: np.ndarray  # (n, V, K) float32, or (n, K) for one view (top-k expanded, -inf)
     embeddings: np.ndarray | None = None  # (n, V, D) / (n, D) float32 teacher image embeddings, if asked
+    # Read with expand=False, as stored: similarities and embeddings float16, and with top-k,
+    # similarities (.., k) float16 and these anchor indices (.., k); `dense_similarities` expands.
+    topk_index: np.ndarray | None = None
 
     def row_of_position(self) -> dict[int, int]:
         return {int(p): i for i, p in enumerate(self.positions)}
@@ -602,7 +628,7 @@ class TeacherCache:
         return slice(start * V + view * count, start * V + (view + 1) * count)
 
     def shard_targets(self, shard: int, view: int | None = None,
-                      with_embeddings: bool = False) -> ShardTargets:
+                      with_embeddings: bool = False, expand: bool = True) -> ShardTargets:
         """A shard's rows, read in one contiguous slice per dataset and checked against their checksums.
 
         With `view` (one view index for every image of the shard, as stage two replays
@@ -610,7 +636,8 @@ class TeacherCache:
         shaped (n, V, ...). With `with_embeddings`, also the stored teacher image embeddings
         (an error if there are none). Data that does not match the checksums recorded when
         the cache was written (flipped bytes, a part file from another run) is a one-line
-        error naming the shard.
+        error naming the shard. With `expand` False, the targets stay as stored (see
+        ShardTargets): stage two ships them so and expands them on its device.
         """
         if with_embeddings and not self.header.store_embeddings:
             raise PipelineError(
@@ -626,18 +653,24 @@ class TeacherCache:
         positions, labels = f["images/position"][images], f["images/label"][images]
         self.check(shard, "images", None, image_digest(positions, labels))
         params = self.read_views("params", shard, views)
+        topk_index = None
         if self.header.topk:
-            similarities = expand_topk(self.read_views("topk_index", shard, views),
-                                       self.read_views("topk_similarity", shard, views), self.header.num_anchors)
+            topk_index = self.read_views("topk_index", shard, views)
+            similarities = self.read_views("topk_similarity", shard, views)
+            if expand:
+                similarities, topk_index = expand_topk(topk_index, similarities, self.header.num_anchors), None
         else:
-            similarities = self.read_views("similarities", shard, views).astype(np.float32)
-        embeddings = self.read_views("embeddings", shard, views).astype(np.float32) if with_embeddings else None
+            similarities = self.read_views("similarities", shard, views)
+        embeddings = self.read_views("embeddings", shard, views) if with_embeddings else None
+        if expand:
+            similarities = similarities.astype(np.float32)
+            embeddings = embeddings.astype(np.float32) if embeddings is not None else None
         if view is None:
             params, similarities = image_major(params, V), image_major(similarities, V)
-            if embeddings is not None:
-                embeddings = image_major(embeddings, V)
+            embeddings = image_major(embeddings, V) if embeddings is not None else None
+            topk_index = image_major(topk_index, V) if topk_index is not None else None
         return ShardTargets(positions=positions, labels=labels, params=params, similarities=similarities,
-                            embeddings=embeddings)
+                            embeddings=embeddings, topk_index=topk_index)
 
     def read_views(self, name: str, shard: int, views: Sequence[int]) -> np.ndarray:
         """The rows of dataset views/`name` for some view indices of a shard (contiguous when

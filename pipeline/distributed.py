@@ -11,6 +11,7 @@ Stage two needs DistributedDataParallel: NCCL when the processes use GPUs, gloo 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from dataclasses import dataclass
 
@@ -19,8 +20,10 @@ import torch.distributed as dist
 
 from pipeline.errors import PipelineError
 
-#: How long a barrier waits for the slowest rank: precompute's ranks can finish their shards
-#: hours apart on a large dataset.
+log = logging.getLogger(__name__)
+
+#: How long precompute's barriers wait for the slowest rank: its ranks can finish their shards
+#: hours apart on a large dataset (they only meet at the start and the end).
 BARRIER_TIMEOUT = datetime.timedelta(hours=12)
 
 
@@ -29,6 +32,7 @@ class Process:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1  # processes on this machine (they share its /dev/shm and its GPUs)
 
     @property
     def main(self) -> bool:
@@ -45,36 +49,68 @@ def this_process() -> Process:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     except ValueError:
-        raise PipelineError("environment RANK, WORLD_SIZE and LOCAL_RANK must be integers (set by torchrun)") from None
+        raise PipelineError("environment RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers "
+                            "(set by torchrun)") from None
     if not 0 <= rank < world:
         raise PipelineError(f"environment RANK={rank} is outside WORLD_SIZE={world}")
-    return Process(rank, world, local_rank)
+    return Process(rank, world, local_rank, max(1, local_world))
+
+
+def single_process_stage(stage: str) -> Process | None:
+    """This process, for a stage that runs in one process (probe, bench), or None on the other
+    ranks under torchrun, after one line: they return at once, and torchrun ends the job
+    when rank 0 is done (the line is a warning: the CLI logs other ranks at that level only)."""
+    process = this_process()
+    if not process.main:
+        log.warning("%s runs in one process: rank %d has nothing to do", stage, process.rank)
+        return None
+    return process
 
 
 def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def start(device: torch.device | None = None) -> Process:
+def start(device: torch.device | None = None, timeout: datetime.timedelta = BARRIER_TIMEOUT,
+          backend: str | None = None) -> Process:
     """Join the process group when started by torchrun; returns this process.
 
-    `device` decides the backend: NCCL for CUDA (and selects cuda:LOCAL_RANK), gloo otherwise.
+    `device` decides the backend unless `backend` is given: NCCL for CUDA, gloo otherwise. On CUDA this process's GPU
+    (`local_device`) becomes the current device whatever the backend, so that nothing of this
+    process (pin-memory threads, cuBLAS) opens a context on GPU 0. `timeout`: how long a
+    collective waits for the other ranks before the job fails (training steps meet every
+    step: minutes; precompute's ranks meet only at the start and the end: hours).
     """
     process = this_process()
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_device(local_device(device, process))
     if process.distributed and not dist.is_initialized():
-        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(process.local_rank)
-        dist.init_process_group(backend, timeout=BARRIER_TIMEOUT)
+        if backend is None:
+            backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timeout)
     return process
 
 
+def device_index(local_rank: int, device_count: int) -> int:
+    """The GPU of the process with `local_rank` among `device_count` visible GPUs.
+
+    torchrun shows every process all the machine's GPUs (local rank i takes GPU i); launchers
+    that mask each task to its own GPU (SLURM `--gpus-per-task=1`, one container per GPU)
+    show each process one GPU, index 0, whatever its local rank.
+    """
+    if device_count < 1:
+        raise PipelineError("no CUDA device is visible to this process (CUDA_VISIBLE_DEVICES?); use --device cpu")
+    return local_rank % device_count
+
+
 def local_device(device: torch.device, process: Process) -> torch.device:
-    """cuda -> this process's GPU (cuda:LOCAL_RANK); cpu stays cpu."""
-    if device.type == "cuda" and process.distributed:
-        return torch.device("cuda", process.local_rank)
-    return device
+    """cuda -> this process's GPU (`device_index`); cpu stays cpu. An explicit cuda:N is kept
+    for a single process."""
+    if device.type != "cuda" or (device.index is not None and not process.distributed):
+        return device
+    return torch.device("cuda", device_index(process.local_rank, torch.cuda.device_count()))
 
 
 def barrier() -> None:

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -401,6 +402,26 @@ class ShardBatches(IterableDataset):
         yield collate(shard, pending, corrupt, last=True)
 
 
+class SharedPosition:
+    """(epoch, lap) of a training run, in shared memory: the main process moves it, and
+    persistent DataLoader workers, which keep their copy of the dataset across epochs, read
+    it when the next iteration starts."""
+
+    def __init__(self, epoch: int = 0, lap: int = 0) -> None:
+        self.values = torch.tensor([epoch, lap], dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self.values[0])
+
+    @property
+    def lap(self) -> int:
+        return int(self.values[1])
+
+    def move_to(self, epoch: int, lap: int) -> None:
+        self.values[0], self.values[1] = epoch, lap
+
+
 class MixedBatches(IterableDataset):
     """Training batches that mix the images of several shards, for one rank of a run.
 
@@ -414,7 +435,8 @@ class MixedBatches(IterableDataset):
 
     prepare(sample, context) and shard_context(shard) are as for `ShardBatches`; every
     batch has "shards" (per sample), "keys", "positions", "labels", "corrupt" and the
-    stacked prepared tensors.
+    stacked prepared tensors. `epoch` is an int, or a `SharedPosition` (then `lap` is its),
+    for a loader whose workers persist across epochs and laps.
     """
 
     def __init__(
@@ -424,7 +446,7 @@ class MixedBatches(IterableDataset):
         prepare: Callable[[Sample, Any], dict[str, torch.Tensor]],
         shard_context: Callable[[int], Any] | None,
         seed: int,
-        epoch: int,
+        epoch: int | SharedPosition,
         rank: int = 0,
         world: int = 1,
         mix: int = 4,
@@ -432,8 +454,17 @@ class MixedBatches(IterableDataset):
     ) -> None:
         self.shards = list(shards)
         self.batch_size, self.prepare, self.shard_context = batch_size, prepare, shard_context
-        self.seed, self.epoch, self.lap = seed, epoch, lap
+        self.seed = seed
+        self.position = epoch if isinstance(epoch, SharedPosition) else SharedPosition(epoch, lap)
         self.rank, self.world, self.mix = rank, world, max(1, mix)
+
+    @property
+    def epoch(self) -> int:
+        return self.position.epoch
+
+    @property
+    def lap(self) -> int:
+        return self.position.lap
 
     def rank_shards(self) -> list[int]:
         """This rank's shards this epoch and lap, in the order it reads them."""
@@ -446,6 +477,7 @@ class MixedBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch, lap = self.epoch, self.lap  # read once: the main process moves them between iterations
         mine = self.rank_shards()[worker::workers]
         pending: list[tuple[Sample, dict[str, torch.Tensor]]] = []
         corrupt: list[str] = []
@@ -454,7 +486,7 @@ class MixedBatches(IterableDataset):
                 group = mine[first:first + self.mix]
                 contexts = {s: self.shard_context(s) for s in group} if self.shard_context else {}
                 raw = [(s, position, r) for s in group for position, r in enumerate(iter_raw(self.shards[s]))]
-                rng = np.random.default_rng([self.seed, self.epoch, self.lap, self.rank, worker, first])
+                rng = np.random.default_rng([self.seed, epoch, lap, self.rank, worker, first])
                 for i in rng.permutation(len(raw)):
                     shard, position, record = raw[i]
                     sample = decode_sample(record, shard, position)
@@ -516,23 +548,67 @@ def usable_workers(requested: int) -> int:
     return cores
 
 
-def iterate_batches(
-    dataset: ShardBatches | MixedBatches, workers: int, pin_memory: bool = False, prefetch: int = 2
-) -> Iterator[dict[str, Any]]:
-    """The dataset's batches through a DataLoader (workers never exceed the cores nor the shard count).
+def check_shared_memory(what: str, options: str, workers: int, prefetch: int, batch_bytes: int,
+                        local_processes: int = 1, shm: Path = Path("/dev/shm")) -> int:
+    """Log the shared memory a DataLoader's prefetched batches take, and refuse a budget that
+    /dev/shm cannot hold (workers would die with SIGBUS mid-run). Returns the bytes needed.
 
-    Each worker keeps up to `prefetch` batches ready in shared memory.
+    Every process on the machine (`local_processes`: torchrun's LOCAL_WORLD_SIZE) has its own
+    workers, and they all share one /dev/shm: the need is workers x prefetch x batch bytes x
+    local processes. `options` names the options that set it, for the message.
     """
-    workers = max(0, min(usable_workers(workers), len(dataset.shard_order())))
-    loader = DataLoader(
+    if workers == 0:
+        return 0
+    per_process = workers * prefetch * batch_bytes
+    need = per_process * local_processes
+    free = shutil.disk_usage(shm).free if shm.is_dir() else None
+    each = f" x {local_processes} processes" if local_processes > 1 else ""
+    log.info("%s data loader: %d workers x prefetch %d x %.1f MB batches%s = %.0f MB of shared memory%s",
+             what, workers, prefetch, batch_bytes / 1e6, each, need / 1e6,
+             f" ({free / 1e6:.0f} MB free in {shm})" if free is not None else "")
+    if free is not None and need > free:
+        raise PipelineError(
+            f"options {options}: the prefetched batches need {need / 1e6:.0f} MB of shared memory"
+            f"{f' ({local_processes} processes on this machine)' if local_processes > 1 else ''}, {shm} has "
+            f"{free / 1e6:.0f} MB free; lower them (or give the container more, e.g. docker --shm-size)"
+        )
+    return need
+
+
+def loader_workers(requested: int, shards: int) -> int:
+    """The DataLoader workers `make_loader` starts: never more than the cores nor the shards."""
+    return max(0, min(usable_workers(requested), shards))
+
+
+def make_loader(dataset: ShardBatches | MixedBatches, workers: int, pin_memory: bool = False, prefetch: int = 2,
+                persistent: bool = False) -> DataLoader:
+    """A DataLoader over the dataset's batches (workers never exceed the cores nor the shard count).
+
+    Each worker keeps up to `prefetch` batches ready in shared memory. `persistent`: the
+    workers outlive an iteration (a training run's epochs and laps reuse them, moving the
+    dataset's `SharedPosition`) instead of being started again for each.
+    """
+    workers = loader_workers(workers, len(dataset.shard_order()))
+    return DataLoader(
         dataset,
         batch_size=None,
         num_workers=workers,
         pin_memory=pin_memory,
         prefetch_factor=prefetch if workers > 0 else None,
-        persistent_workers=False,
+        persistent_workers=persistent and workers > 0,
     )
+
+
+def loader_batches(loader: DataLoader) -> Iterator[dict[str, Any]]:
+    """One iteration of `loader`; a worker's error batch becomes the PipelineError it carries."""
     for batch in loader:
         if "error" in batch:
             raise PipelineError(batch["error"])
         yield batch
+
+
+def iterate_batches(
+    dataset: ShardBatches | MixedBatches, workers: int, pin_memory: bool = False, prefetch: int = 2
+) -> Iterator[dict[str, Any]]:
+    """The dataset's batches through a `make_loader` DataLoader, once."""
+    yield from loader_batches(make_loader(dataset, workers, pin_memory, prefetch))

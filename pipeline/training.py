@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime
 import itertools
 import json
 import logging
 import math
 import pickle
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,15 +27,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import distributed, faults
+from pipeline import distributed, faults, precision
 from pipeline.atomic import OutputLock, atomic_path, write_json
-from pipeline.cache import ShardTargets, TeacherCache
+from pipeline.cache import ShardTargets, TeacherCache, dense_similarities
 from pipeline.config import TrainConfig, to_dict, write_resolved
 from pipeline.errors import PipelineError, reason
 from pipeline.progress import Progress
-from pipeline.shards import MixedBatches, Sample, iterate_batches, usable_workers
+from pipeline.shards import (
+    MixedBatches,
+    Sample,
+    SharedPosition,
+    check_shared_memory,
+    loader_batches,
+    make_loader,
+)
 from pipeline.student import Student, build_student, save_checkpoint, student_input, student_on
-from pipeline.teacher import autocast, resolve_device
+from pipeline.teacher import resolve_device
 from pipeline.views import apply_view
 
 log = logging.getLogger(__name__)
@@ -61,17 +68,28 @@ class ShardReplay:
 
 
 class ReplayViews:
-    """prepare/shard_context for ShardBatches: replays one stored view per image per epoch."""
+    """prepare/shard_context for ShardBatches: replays one stored view per image per epoch.
 
-    def __init__(self, cache: TeacherCache, seed: int, epoch: int, image_size: int,
+    Targets leave the worker as stored (float16, or top-k values and anchor indices): half the
+    bytes of float32 through shared memory and to the device, a fraction with top-k; the
+    training step widens them on its device (`dense_targets`). `epoch` is an int or the run's
+    `SharedPosition`, which persistent DataLoader workers read at each new epoch.
+    """
+
+    def __init__(self, cache: TeacherCache, seed: int, epoch: int | SharedPosition, image_size: int,
                  with_targets: bool, with_embeddings: bool = False) -> None:
-        self.cache, self.seed, self.epoch = cache, seed, epoch
+        self.cache, self.seed = cache, seed
+        self.position = epoch if isinstance(epoch, SharedPosition) else SharedPosition(epoch)
         self.image_size, self.with_targets = image_size, with_targets
         self.with_embeddings = with_embeddings
 
+    @property
+    def epoch(self) -> int:
+        return self.position.epoch
+
     def context(self, shard: int) -> ShardReplay:
         view = epoch_view(self.seed, self.epoch, shard, self.cache.header.views_per_image)
-        targets = self.cache.shard_targets(shard, view, self.with_embeddings)
+        targets = self.cache.shard_targets(shard, view, self.with_embeddings, expand=False)
         return ShardReplay(targets, targets.row_of_position())
 
     def __call__(self, sample: Sample, replay: ShardReplay) -> dict[str, torch.Tensor]:
@@ -84,9 +102,21 @@ class ReplayViews:
         prepared = {"pixels": apply_view(sample.image, replay.targets.params[row], self.image_size)}
         if self.with_targets:
             prepared["targets"] = torch.from_numpy(replay.targets.similarities[row])
+            if replay.targets.topk_index is not None:
+                prepared["target_anchors"] = torch.from_numpy(replay.targets.topk_index[row].astype(np.int32))
         if self.with_embeddings:
             prepared["teacher_embeddings"] = torch.from_numpy(replay.targets.embeddings[row])
         return prepared
+
+
+def dense_targets(batch: dict[str, Any], num_anchors: int) -> dict[str, Any]:
+    """The batch (on its device) with float32 targets over every anchor and float32 embeddings."""
+    batch = dict(batch)
+    if "targets" in batch:
+        batch["targets"] = dense_similarities(batch["targets"], batch.pop("target_anchors", None), num_anchors)
+    if "teacher_embeddings" in batch:
+        batch["teacher_embeddings"] = batch["teacher_embeddings"].float()
+    return batch
 
 
 @dataclass
@@ -138,7 +168,7 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
 
 
 class RunState:
-    """Everything needed to continue a run: weights, optimiser, position, per-epoch history."""
+    """Everything needed to continue a run: weights, optimiser, loss scale, position, history."""
 
     def __init__(self, path: Path, fingerprint: str) -> None:
         self.path, self.fingerprint = path, fingerprint
@@ -146,7 +176,8 @@ class RunState:
         self.history: list[dict[str, float]] = []
         self.epoch_sums: dict[str, float] = {}
 
-    def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+    def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             scaler: torch.amp.GradScaler | None = None) -> bool:
         if not self.path.is_file():
             return False
         try:  # weights_only=True: a pickle that would run code is refused, never executed
@@ -160,23 +191,32 @@ class RunState:
             return False
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step = state["global_step"]
         self.history = json.loads(state["history"])
         self.epoch_sums = json.loads(state["epoch_sums"])
         return True
 
-    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             scaler: torch.amp.GradScaler | None = None) -> None:
         save_checkpoint(self.path, {
             "fingerprint": self.fingerprint,
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
             "history": json.dumps(self.history),
             "epoch_sums": json.dumps(self.epoch_sums),
         })
+
+
+#: Settings that change how a run is watched or how long it waits, not what it computes: a
+#: resumed run may change them.
+NOT_FINGERPRINTED = ("sync_every", "collective_timeout")
 
 
 def train(
@@ -200,182 +240,244 @@ def train(
     if config.prefetch < 1 or config.mix_shards < 1:
         raise PipelineError("options --prefetch and --mix-shards must be at least 1")
     faults.planned()  # a wrong CSM_DISTILL_FAULT is refused before any work
-    process = distributed.start(resolve_device(config.device))
+    process = distributed.start(resolve_device(config.device),
+                                timeout=datetime.timedelta(minutes=config.collective_timeout))
     device = distributed.local_device(resolve_device(config.device), process)
+    chosen = precision.for_device(config.precision, device)
+    precision.configure(chosen, training=True, deterministic=config.deterministic)
+    log.info("%s on %s: %s%s%s", objective.name, device_name(device), describe(chosen),
+             ", torch.compile" if config.compile else "", ", deterministic kernels" if config.deterministic else "")
     torch.manual_seed(config.seed)  # every process starts from the same weights
     model = student_on(build_student(objective.model_spec), device)
     optimizer = make_optimizer(model, config)
     steps_per_epoch = math.ceil(cache.num_images / (config.batch_size * process.world))
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-    fingerprint = json.dumps({"train": to_dict(config), "objective": objective.name,
+    settings = {k: v for k, v in to_dict(config).items() if k not in NOT_FINGERPRINTED}
+    fingerprint = json.dumps({"train": settings, "objective": objective.name,
                               "model": objective.model_spec, "cache": cache.header.to_attrs(),
                               "processes": process.world, **extra_fingerprint}, sort_keys=True)
     with OutputLock(run_dir) if process.main else contextlib.nullcontext():
-        return train_locked(config, objective, cache, shards, run_dir, model, optimizer, fingerprint, process,
-                            device, steps_per_epoch, total_steps, warmup_steps)
+        run = Run(config, objective, cache, model, optimizer, chosen, process, device,
+                  steps_per_epoch, total_steps, warmup_steps)
+        return run.train(shards, RunState(run_dir / "last.pt", fingerprint))
 
 
-def train_locked(config: TrainConfig, objective: Objective, cache: TeacherCache, shards: list[Path], run_dir: Path,
-                 model: Student, optimizer: torch.optim.Optimizer, fingerprint: str, process: distributed.Process,
-                 device: torch.device, steps_per_epoch: int, total_steps: int,
-                 warmup_steps: int) -> tuple[Student, list[dict[str, float]]]:
-    """The epochs of `train`, while this process holds the run directory's lock."""
-    state = RunState(run_dir / "last.pt", fingerprint)
-    if state.load(model, optimizer):
-        log.info("resuming %s at epoch %d, step %d", objective.name, state.epoch + 1,
-                 state.step_in_epoch)
-        if not process.main:
-            state.epoch_sums = {}  # rank 0 carries the interrupted epoch's sums (already summed over ranks)
-    wrapped = model
-    if process.distributed:
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-        log.info("%d processes (%s): global batch %d = %d x %d, %d steps per epoch", process.world,
-                 torch.distributed.get_backend(), config.batch_size * process.world, config.batch_size,
-                 process.world, steps_per_epoch)
-    log_loader_memory(config, cache, objective)
-    anchors = cache.anchors().to(device)
-
-    while state.epoch < config.epochs:
-        train_one_epoch(wrapped, objective, optimizer, cache, shards, anchors, config, state,
-                        steps_per_epoch, total_steps, warmup_steps, device, process)
-        state.epoch += 1
-        state.step_in_epoch, state.epoch_sums = 0, {}
-        if process.main:
-            state.save(model, optimizer)
-        distributed.barrier()
-        faults.kill_after("step", state.global_step)  # test hook: after an epoch's last step and its checkpoint
-    distributed.stop()
-    return model.eval(), state.history
+def device_name(device: torch.device) -> str:
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 
-def loader_memory_bytes(config: TrainConfig, cache: TeacherCache, objective: Objective) -> int:
-    """Shared memory the DataLoader's prefetched batches take: workers x prefetch x batch bytes."""
-    per_image = 3 * config.image_size ** 2 + 8 + 8  # uint8 pixels, position, label
-    if objective.needs_targets:
-        per_image += 4 * cache.header.num_anchors
-    if objective.needs_embeddings:
-        per_image += 4 * cache.header.embed_dim
-    return usable_workers(config.workers) * config.prefetch * config.batch_size * per_image
+def describe(chosen: precision.Precision) -> str:
+    """The arithmetic in words, for the start line of a run."""
+    if chosen.autocast_dtype is None:
+        return f"{chosen.name} (no autocast)"
+    scaled = ", loss scaling" if chosen.scaler else ""
+    tf32 = ", TF32 for float32 ops" if chosen.tf32 else ""
+    return f"{chosen.name} autocast{scaled}{tf32}"
 
 
-def log_loader_memory(config: TrainConfig, cache: TeacherCache, objective: Objective) -> None:
-    """State the shared-memory budget of the data path; refuse one that /dev/shm cannot hold."""
-    workers = usable_workers(config.workers)
-    if workers == 0:
-        return
-    need = loader_memory_bytes(config, cache, objective)
-    shm = Path("/dev/shm")
-    free = shutil.disk_usage(shm).free if shm.is_dir() else None
-    log.info("data loader: %d workers x prefetch %d x %d images = %.0f MB of shared memory%s",
-             workers, config.prefetch, config.batch_size, need / 1e6,
-             f" ({free / 1e6:.0f} MB free in /dev/shm)" if free is not None else "")
-    if free is not None and need > free:
-        raise PipelineError(
-            f"options --workers {config.workers} --prefetch {config.prefetch}: the prefetched batches need "
-            f"{need / 1e6:.0f} MB of shared memory, /dev/shm has {free / 1e6:.0f} MB free; lower them "
-            f"(or give the container more, e.g. docker --shm-size)"
-        )
+class Run:
+    """A training run's fixed parts (model, optimiser, arithmetic, schedule) and its epochs."""
+
+    def __init__(self, config: TrainConfig, objective: Objective, cache: TeacherCache, model: Student,
+                 optimizer: torch.optim.Optimizer, chosen: precision.Precision, process: distributed.Process,
+                 device: torch.device, steps_per_epoch: int, total_steps: int, warmup_steps: int) -> None:
+        self.config, self.objective, self.cache = config, objective, cache
+        self.model, self.optimizer, self.precision = model, optimizer, chosen
+        self.process, self.device = process, device
+        self.steps_per_epoch, self.total_steps, self.warmup_steps = steps_per_epoch, total_steps, warmup_steps
+        self.scaler = precision.grad_scaler(chosen, device)
+
+    def train(self, shards: list[Path], state: RunState) -> tuple[Student, list[dict[str, float]]]:
+        """The epochs, from where `state` (run_dir/last.pt) left off, while this process holds
+        the run directory's lock."""
+        config, process, model = self.config, self.process, self.model
+        if state.load(model, self.optimizer, self.scaler):
+            log.info("resuming %s at epoch %d, step %d", self.objective.name, state.epoch + 1, state.step_in_epoch)
+            if not process.main:
+                state.epoch_sums = {}  # rank 0 carries the interrupted epoch's sums (already summed over ranks)
+        stepped: torch.nn.Module = model
+        if process.distributed:
+            stepped = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            log.info("%d processes (%s): global batch %d = %d x %d, %d steps per epoch", process.world,
+                     torch.distributed.get_backend(), config.batch_size * process.world, config.batch_size,
+                     process.world, self.steps_per_epoch)
+        if config.compile:
+            stepped = torch.compile(stepped)
+        loader = TrainLoader(config, self.cache, self.objective, shards, process, self.device)
+        anchors = self.cache.anchors().to(self.device)
+        try:
+            while state.epoch < config.epochs:
+                self.train_one_epoch(stepped, loader, anchors, state)
+                state.epoch += 1
+                state.step_in_epoch, state.epoch_sums = 0, {}
+                if process.main:
+                    state.save(model, self.optimizer, self.scaler)
+                distributed.barrier()
+                faults.kill_after("step", state.global_step)  # test hook: after an epoch's last step and its checkpoint
+        finally:
+            loader.close()
+        distributed.stop()
+        return model.eval(), state.history
+
+    def train_one_epoch(self, stepped: torch.nn.Module, loader: TrainLoader, anchors: torch.Tensor,
+                        state: RunState) -> None:
+        """One epoch, from `state.step_in_epoch` (a resumed epoch replays its batch order up to it).
+
+        The loop never waits for the device except every `sync_every` steps, at checkpoints and
+        at the epoch's end: the loss sums stay on the device (float64, as the host summed them)
+        and are read back then, for the progress line and the finite check.
+        """
+        config, objective = self.config, self.objective
+        stepped.train()
+        sums = state.epoch_sums or {"loss": 0.0, "score": 0.0, "images": 0, "seconds": 0.0}
+        running = Sums(objective.name, sums, self.device)
+        progress = Progress(self.steps_per_epoch, f"{objective.name} {state.epoch + 1}/{config.epochs}", "step",
+                            initial=state.step_in_epoch)
+        started = time.perf_counter()
+        lr = learning_rate(state.global_step, self.total_steps, self.warmup_steps, config.lr)
+        checked_step = state.global_step
+        batches = loader.epoch(state.epoch)
+        for index, batch in zip(range(self.steps_per_epoch), batches, strict=False):  # batches never end
+            if index < state.step_in_epoch:
+                continue  # replaying the order of an interrupted epoch up to where it stopped
+            lr = learning_rate(state.global_step, self.total_steps, self.warmup_steps, config.lr)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            terms = train_step(stepped, self.optimizer, objective, batch, anchors, self.device, self.precision,
+                               self.scaler)
+            running.add(terms["loss"], terms[objective.score_name], len(batch["keys"]))
+            state.step_in_epoch += 1
+            state.global_step += 1
+            progress.update()
+            checkpoint = (config.checkpoint_every and state.global_step % config.checkpoint_every == 0
+                          and state.step_in_epoch < self.steps_per_epoch)
+            if checkpoint or state.global_step % config.sync_every == 0:
+                sums = running.read(state, checked_step, lr)  # waits for the device; refuses a non-finite loss
+                checked_step = state.global_step
+                elapsed = sums["seconds"] + time.perf_counter() - started
+                progress.set_postfix(loss=f"{sums['loss'] / sums['images']:.4f}",
+                                     **{objective.score_name: f"{sums['score'] / sums['images']:.3f}"},
+                                     img_s=f"{sums['images'] * self.process.world / elapsed:.0f}")
+            if checkpoint:
+                totals = distributed.sum_across([sums["loss"], sums["score"], sums["images"]], self.device)
+                if self.process.main:
+                    state.epoch_sums = {**sums, "loss": totals[0], "score": totals[1], "images": totals[2],
+                                        "seconds": sums["seconds"] + time.perf_counter() - started}
+                    state.save(model_of(stepped), self.optimizer, self.scaler)
+            if state.step_in_epoch < self.steps_per_epoch:  # an epoch's last step: after the epoch's checkpoint
+                faults.kill_after("step", state.global_step)  # test hook, see pipeline.faults
+        batches.close()
+        sums = running.read(state, checked_step, lr)
+        progress.close()
+        seconds = sums["seconds"] + time.perf_counter() - started
+        loss, score, images = distributed.sum_across([sums["loss"], sums["score"], sums["images"]], self.device)
+        images = max(1.0, images)
+        state.history.append({
+            "epoch": state.epoch + 1,
+            "loss": loss / images,
+            objective.score_name: score / images,
+            "lr": lr,
+            "images_per_second": images / seconds if seconds > 0 else 0.0,
+        })
+        log.info("%s epoch %d: loss %.4f, %s %.3f, %.0f images/s", objective.name, state.epoch + 1,
+                 state.history[-1]["loss"], objective.score_name, state.history[-1][objective.score_name],
+                 state.history[-1]["images_per_second"])
 
 
-def epoch_batches(config: TrainConfig, replay: ReplayViews, shards: list[Path], epoch: int,
-                  process: distributed.Process, pin_memory: bool) -> Iterator[dict[str, Any]]:
-    """This process's batches of an epoch, endlessly: after its shards, another lap of them.
+class Sums:
+    """An epoch's loss and score sums (each term x batch images) and image count, kept on the
+    device between reads so that a step does not wait for the device to report its loss."""
 
-    Batches smaller than MIN_BATCH (a worker's last few images) are left out, so that every
-    process takes a real step at every step of the epoch.
-    """
-    for lap in itertools.count():
-        dataset = MixedBatches(shards, config.batch_size, replay, replay.context, seed=config.seed,
-                               epoch=epoch, rank=process.rank, world=process.world,
-                               mix=config.mix_shards, lap=lap)
-        produced = False
-        for batch in iterate_batches(dataset, config.workers, pin_memory=pin_memory, prefetch=config.prefetch):
-            if len(batch["keys"]) >= MIN_BATCH:
-                produced = True
-                yield batch
-        if not produced:
-            raise PipelineError(f"{config.shards}: no decodable images for process {process.rank}")
+    def __init__(self, name: str, start: dict[str, float], device: torch.device) -> None:
+        self.name, self.start = name, start
+        self.device = device
+        self.added = torch.zeros(3, dtype=torch.float64, device=device)
+        self.finite = torch.ones((), dtype=torch.bool, device=device)
 
+    def add(self, loss: torch.Tensor, score: torch.Tensor, images: int) -> None:
+        loss, score = loss.detach().double(), score.detach().double()
+        self.finite &= torch.isfinite(loss)
+        self.added += torch.stack([loss * images, score * images, torch.ones_like(loss) * images])
 
-def train_one_epoch(
-    model: torch.nn.Module,
-    objective: Objective,
-    optimizer: torch.optim.Optimizer,
-    cache: TeacherCache,
-    shards: list[Path],
-    anchors: torch.Tensor,
-    config: TrainConfig,
-    state: RunState,
-    steps_per_epoch: int,
-    total_steps: int,
-    warmup_steps: int,
-    device: torch.device,
-    process: distributed.Process,
-) -> None:
-    model.train()
-    replay = ReplayViews(cache, config.seed, state.epoch, config.image_size, objective.needs_targets,
-                         objective.needs_embeddings)
-    batches = epoch_batches(config, replay, shards, state.epoch, process, pin_memory=device.type == "cuda")
-    sums = state.epoch_sums or {"loss": 0.0, "score": 0.0, "images": 0, "seconds": 0.0}
-    progress = Progress(steps_per_epoch, f"{objective.name} {state.epoch + 1}/{config.epochs}", "step",
-                        initial=state.step_in_epoch)
-    started = time.perf_counter()
-    lr = learning_rate(state.global_step, total_steps, warmup_steps, config.lr)
-    for index, batch in zip(range(steps_per_epoch), batches, strict=False):  # batches never end
-        if index < state.step_in_epoch:
-            continue  # replaying the order of an interrupted epoch up to where it stopped
-        lr = learning_rate(state.global_step, total_steps, warmup_steps, config.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        terms = train_step(model, optimizer, objective, batch, anchors, device, config.precision)
-        if not torch.isfinite(terms["loss"]):
-            # Stop before anything is saved: last.pt still holds the last good state.
+    def read(self, state: RunState, since_step: int, lr: float) -> dict[str, float]:
+        """The sums so far (one host sync). A non-finite loss since the last read stops the run
+        before anything is saved: last.pt still holds the last good state."""
+        loss, score, images = self.added.tolist()
+        if not bool(self.finite):
+            epoch_step = state.step_in_epoch - (state.global_step - since_step) + 1
+            steps = (f"step {state.step_in_epoch}" if epoch_step == state.step_in_epoch
+                     else f"one of steps {epoch_step}-{state.step_in_epoch}")
             raise PipelineError(
-                f"{objective.name}: the loss is {terms['loss'].item()} at epoch {state.epoch + 1}, step "
-                f"{state.step_in_epoch + 1} (lr {lr:.2g}); {state.path} keeps the last good checkpoint; "
-                f"lower --lr, or check the cache with `python -m pipeline inspect`"
+                f"{self.name}: the loss is {loss / max(images, 1)} at epoch {state.epoch + 1}, {steps} (lr {lr:.2g}); "
+                f"{state.path} keeps the last good checkpoint; lower --lr, or check the cache with "
+                f"`python -m pipeline inspect`"
             )
-        n = len(batch["keys"])
-        sums["loss"] += terms["loss"].item() * n
-        sums["score"] += terms[objective.score_name].item() * n
-        sums["images"] += n
-        state.step_in_epoch += 1
-        state.global_step += 1
-        elapsed = sums["seconds"] + time.perf_counter() - started
-        progress.update()
-        progress.set_postfix(loss=f"{sums['loss'] / sums['images']:.4f}",
-                             **{objective.score_name: f"{sums['score'] / sums['images']:.3f}"},
-                             img_s=f"{sums['images'] * process.world / elapsed:.0f}")
-        if config.checkpoint_every and state.global_step % config.checkpoint_every == 0 \
-                and state.step_in_epoch < steps_per_epoch:
-            totals = distributed.sum_across([sums["loss"], sums["score"], sums["images"]], device)
-            if process.main:
-                state.epoch_sums = {**sums, "loss": totals[0], "score": totals[1], "images": totals[2],
-                                    "seconds": elapsed}
-                state.save(model_of(model), optimizer)
-        if state.step_in_epoch < steps_per_epoch:  # an epoch's last step: after the epoch's checkpoint
-            faults.kill_after("step", state.global_step)  # test hook, see pipeline.faults
-    batches.close()
-    progress.close()
-    seconds = sums["seconds"] + time.perf_counter() - started
-    loss, score, images = distributed.sum_across([sums["loss"], sums["score"], sums["images"]], device)
-    images = max(1.0, images)
-    state.history.append({
-        "epoch": state.epoch + 1,
-        "loss": loss / images,
-        objective.score_name: score / images,
-        "lr": lr,
-        "images_per_second": images / seconds if seconds > 0 else 0.0,
-    })
-    log.info("%s epoch %d: loss %.4f, %s %.3f, %.0f images/s", objective.name, state.epoch + 1,
-             state.history[-1]["loss"], objective.score_name, state.history[-1][objective.score_name],
-             state.history[-1]["images_per_second"])
+        return {**self.start, "loss": self.start["loss"] + loss, "score": self.start["score"] + score,
+                "images": self.start["images"] + round(images)}
+
+
+def batch_bytes(config: TrainConfig, cache: TeacherCache, objective: Objective) -> int:
+    """Bytes of one training batch as the workers ship it: uint8 views, positions and labels,
+    targets as stored (float16 per anchor, or top-k float16 values and int32 anchor indices),
+    float16 teacher embeddings."""
+    per_image = 3 * config.image_size ** 2 + 8 + 8 + 8  # uint8 pixels, position, label, shard
+    if objective.needs_targets:
+        topk = cache.header.topk
+        per_image += (2 + 4) * topk if topk else 2 * cache.header.num_anchors
+    if objective.needs_embeddings:
+        per_image += 2 * cache.header.embed_dim
+    return config.batch_size * per_image
+
+
+class TrainLoader:
+    """One DataLoader for a whole run, its workers persistent across epochs and laps.
+
+    Each epoch (`epoch`), the run's `SharedPosition` moves to (epoch, lap) before the next
+    iteration starts, and the workers, which keep their dataset, read it then: the batch
+    sequence is the one fresh workers would give (what a resumed run replays), without
+    starting workers, re-opening the cache and re-importing in them each epoch and lap.
+    """
+
+    def __init__(self, config: TrainConfig, cache: TeacherCache, objective: Objective, shards: list[Path],
+                 process: distributed.Process, device: torch.device) -> None:
+        self.config, self.process = config, process
+        self.position = SharedPosition()
+        replay = ReplayViews(cache, config.seed, self.position, config.image_size, objective.needs_targets,
+                             objective.needs_embeddings)
+        dataset = MixedBatches(shards, config.batch_size, replay, replay.context, seed=config.seed,
+                               epoch=self.position, rank=process.rank, world=process.world, mix=config.mix_shards)
+        self.loader = make_loader(dataset, config.workers, pin_memory=device.type == "cuda",
+                                  prefetch=config.prefetch, persistent=True)
+        check_shared_memory(objective.name, f"--workers {config.workers} --prefetch {config.prefetch} "
+                            f"--batch-size {config.batch_size}", self.loader.num_workers, config.prefetch,
+                            batch_bytes(config, cache, objective), process.local_world)
+
+    def epoch(self, epoch: int) -> Iterator[dict[str, Any]]:
+        """This process's batches of an epoch, endlessly: after its shards, another lap of them.
+
+        Batches smaller than MIN_BATCH (a worker's last few images) are left out, so that every
+        process takes a real step at every step of the epoch.
+        """
+        for lap in itertools.count():
+            self.position.move_to(epoch, lap)
+            produced = False
+            for batch in loader_batches(self.loader):
+                if len(batch["keys"]) >= MIN_BATCH:
+                    produced = True
+                    yield batch
+            if not produced:
+                raise PipelineError(f"{self.config.shards}: no decodable images for process {self.process.rank}")
+
+    def close(self) -> None:
+        """Stop the workers (they would otherwise live as long as the loader)."""
+        self.loader = None
 
 
 def model_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DistributedDataParallel wrapper (the model itself otherwise)."""
+    """The model inside a torch.compile and/or DistributedDataParallel wrapper (the model itself otherwise)."""
+    model = getattr(model, "_orig_mod", model)
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
@@ -386,16 +488,30 @@ def train_step(
     batch: dict[str, Any],
     anchors: torch.Tensor,
     device: torch.device,
-    precision: str = "bf16",
+    precision_: str | precision.Precision = "bf16",
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One optimisation step on a batch (channels_last; bf16 autocast on GPU and native-bf16 CPUs)."""
-    pixels = student_input(batch["pixels"], device)  # uint8 views: the model normalises them
-    with autocast(device, precision, cpu=True):
+    """One optimisation step on a batch; returns the loss terms, on the device (reading them
+    waits for the device: the caller decides when).
+
+    The batch goes to the device in one copy per tensor (non-blocking from pinned memory),
+    pixels channels_last as uint8 (the model normalises them), targets as stored, widened
+    there (`dense_targets`). Autocast and loss scaling as `precision_` chooses for the device.
+    """
+    chosen = precision_ if isinstance(precision_, precision.Precision) else precision.for_device(precision_, device)
+    batch = to_device(batch, device)
+    pixels = student_input(batch["pixels"], device)  # already there: only the memory format
+    with precision.autocast(chosen, device):
         output = model(pixels)
-    terms = objective.loss(output.float(), {**to_device(batch, device), "anchors": anchors})
+    terms = objective.loss(output.float(), {**dense_targets(batch, anchors.shape[0]), "anchors": anchors})
     optimizer.zero_grad(set_to_none=True)
-    terms["loss"].backward()
-    optimizer.step()
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(terms["loss"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        terms["loss"].backward()
+        optimizer.step()
     return terms
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import training
 from pipeline.cache import TeacherCache
 from pipeline.errors import PipelineError
 from pipeline.features import extract_features
@@ -219,7 +222,8 @@ def test_shuffled_batches_pair_each_image_with_its_own_view_and_targets(demo_sha
             image = row_of_key[key]
             row = start * views + view * count + (image - start)  # the layout, spelled out by hand
             assert view_image[row] == image
-            assert torch.equal(batch["targets"][i], torch.from_numpy(similarities[row])), key
+            assert batch["targets"].dtype == torch.float16  # as stored: widened on the device
+            assert torch.equal(batch["targets"][i].float(), torch.from_numpy(similarities[row])), key
             assert torch.equal(batch["pixels"][i], apply_view(images[key], params[row], 32)), key
             positions.setdefault(shard, []).append(int(batch["positions"][i]))
             seen += 1
@@ -251,7 +255,26 @@ def test_a_shared_memory_budget_above_dev_shm_is_refused(demo_shards, demo_cache
     config = distill_config(demo_shards, demo_cache, tiny_teacher, tmp_path,
                             **{"train.workers": 64, "train.prefetch": 1000, "train.batch_size": 4096,
                                "train.image_size": 512})
-    with pytest.raises(PipelineError, match=r"options --workers 64 --prefetch 1000: the prefetched batches need "
-                                            r"\d+ MB of shared memory, /dev/shm has \d+ MB free; lower them"):
+    with pytest.raises(PipelineError, match=r"options --workers 64 --prefetch 1000 --batch-size 4096: the "
+                                            r"prefetched batches need \d+ MB of shared memory, /dev/shm has \d+ MB "
+                                            r"free; lower them"):
         distill.run(config)
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_the_shared_memory_budget_counts_every_process_of_the_machine(demo_shards, demo_cache, tiny_teacher,
+                                                                      tmp_path, monkeypatch):
+    """torchrun's processes on one machine share its /dev/shm: a budget one process fits in is
+    refused when LOCAL_WORLD_SIZE processes would each need it."""
+    workers = min(2, len(os.sched_getaffinity(0)))
+    config = distill_config(demo_shards, demo_cache, tiny_teacher, tmp_path, **{"train.workers": workers})
+    per_process = workers * config.train.prefetch * training.batch_bytes(config.train, TeacherCache(demo_cache),
+                                                                          distill.csm_objective(config, 32))
+    processes = shutil.disk_usage("/dev/shm").free // per_process + 1  # one more than it holds
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
+    with pytest.raises(PipelineError, match=rf"options --workers {workers} --prefetch 2 --batch-size 16: the "
+                                            rf"prefetched batches need \d+ MB of shared memory \({processes} "
+                                            r"processes on this machine\), /dev/shm has \d+ MB free"):
+        distill.run(config)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    distill.run(dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=1)))  # fits one process

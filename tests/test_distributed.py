@@ -113,3 +113,27 @@ def demo_cache(demo_shards, tiny_teacher, tmp_path_factory):
     out = tmp_path_factory.mktemp("cache") / "teacher.h5"
     precompute.run(precompute_config(demo_shards, out, tiny_teacher))
     return out
+
+
+def test_a_collective_waits_its_timeout_then_fails_instead_of_hanging(tmp_path):
+    """distributed.start's timeout reaches the process group: rank 1 stalls (a dead file system
+    read), rank 0's barrier gives up after 3 s, not after the 12-hour precompute default."""
+    program = tmp_path / "stall.py"
+    program.write_text(
+        "import datetime, os, time\n"
+        "from pipeline import distributed\n"
+        "distributed.start(timeout=datetime.timedelta(seconds=3))\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    time.sleep(60)\n"
+        "started = time.monotonic()\n"
+        "try:\n"
+        "    distributed.barrier()\n"
+        "except Exception as err:\n"
+        "    print(f'gave up after {time.monotonic() - started:.0f} s: {type(err).__name__}', flush=True)\n"
+        "    os._exit(3)\n")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(program)], cwd=ROOT, env={**ENV, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0
+    seconds = int(result.stdout.split("gave up after ")[1].split(" s")[0])
+    assert 2 <= seconds <= 20, result.stdout
