@@ -5,21 +5,24 @@ image's position in it), rendered with `apply_view` at the teacher's resolution 
 encoded; their cosine similarities to the anchors are stored with the view parameters.
 Each completed shard is saved as a part file, so a killed run continues after its last
 completed shard; the cache file, written under a temporary name and renamed, indexes the
-parts (`pipeline.cache`: they stay as the storage of the views).
+parts (`pipeline.cache`: they stay as the storage of the views). The parts are written on a
+background thread (`PartWriter`) while the teacher encodes the next shard.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline import cache, distributed, faults
+from pipeline import cache, distributed, faults, precision
 from pipeline.atomic import OutputLock, write_json
 from pipeline.config import PrecomputeConfig, write_resolved
 from pipeline.errors import PipelineError
@@ -28,16 +31,25 @@ from pipeline.prompts import anchor_embeddings, build_prompt_set, encode_prompts
 from pipeline.shards import (
     Sample,
     ShardBatches,
+    check_shared_memory,
     iterate_batches,
     list_shards,
+    loader_workers,
     read_classes,
     sample_count,
     shard_list_digest,
 )
 from pipeline.teacher import identity_difference, load_teacher, resolve_device
-from pipeline.views import apply_view, sample_view_params, view_rng
+from pipeline.views import VIEW_FIELDS, apply_view, sample_view_params, view_rng
 
 log = logging.getLogger(__name__)
+
+#: Batches each DataLoader worker keeps ready in shared memory (`iterate_batches`' default).
+PREFETCH = 2
+
+#: Finished parts queued for the writer thread or being written. Two let the teacher go on
+#: through one slow write; more would only hold more shards' outputs in memory.
+PARTS_PENDING = 2
 
 
 class ViewRenderer:
@@ -78,21 +90,32 @@ def run(config: PrecomputeConfig, allow_random_teacher: bool = False) -> dict[st
     """
     check_options(config)
     faults.planned()  # a wrong CSM_DISTILL_FAULT is refused before any work
-    process = distributed.start()
+    requested = resolve_device(config.device)
+    # gloo whatever the device: the ranks meet only at the start and the end (a barrier, a sum of
+    # counters), hours apart (BARRIER_TIMEOUT). Given the device, `start` makes this rank's GPU
+    # the current one, so that no thread of it (pin memory) opens a context on GPU 0.
+    process = distributed.start(requested, timeout=distributed.BARRIER_TIMEOUT, backend="gloo")
     try:
         with OutputLock(config.out) if process.main else contextlib.nullcontext():
-            return run_process(config, process, allow_random_teacher)
+            return run_process(config, process, distributed.local_device(requested, process),
+                               allow_random_teacher)
     finally:
         distributed.stop()
 
 
-def run_process(config: PrecomputeConfig, process: distributed.Process,
+def device_name(device: torch.device) -> str:
+    """The device's model as the cache records it: e.g. 'NVIDIA H100 80GB HBM3', or cpu."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def run_process(config: PrecomputeConfig, process: distributed.Process, device: torch.device,
                 allow_random_teacher: bool) -> dict[str, Any]:
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     shards = list_shards(config.shards, "train")
     classes = read_classes(config.shards)
-    device = distributed.local_device(resolve_device(config.device), process)
+    # TF32 on or off explicitly: PyTorch's default leaves cuDNN convolutions on TF32, even for fp32
+    precision.configure(precision.for_device(config.precision, device))
     teacher = load_teacher(config.teacher, str(device), allow_random=allow_random_teacher,
                            precision=config.precision)
     prompt_set = build_prompt_set(classes, config.prompts)
@@ -115,6 +138,7 @@ def run_process(config: PrecomputeConfig, process: distributed.Process,
         shard_digest=shard_list_digest(shards),
         topk=min(config.topk, prompt_set.num_anchors),
         store_embeddings=config.store_embeddings,
+        teacher_device=device_name(device),
     )
     if process.main:
         resume_or_start(out, header, [s.name for s in shards])
@@ -129,6 +153,7 @@ def run_process(config: PrecomputeConfig, process: distributed.Process,
     todo = [s for s in range(process.rank, len(shards), process.world) if s not in done]
     if done and process.main:
         log.info("resuming: %d of %d shards already done", len(done), len(shards))
+    check_loader_memory(config, teacher.image_size, len(todo), process.local_world)
 
     prompt_classes = torch.tensor(prompt_set.prompt_classes)
     anchors = anchor_embeddings(prompt_embeddings.cpu(), prompt_classes, prompt_set.num_classes,
@@ -174,8 +199,10 @@ def run_differences(previous: dict[str, Any], state: dict[str, Any]) -> list[str
     teacher by content (its names may differ: a renamed weights file is the same teacher), the
     shard names. Empty when the parts can be kept."""
     before, now = previous["header"], state["header"]
-    changed = sorted(k for k in before.keys() | now.keys() if k != "teacher_identity" and before.get(k) != now.get(k))
-    teacher = identity_difference(before.get("teacher_identity", ""), now["teacher_identity"])
+    unchecked = {"teacher_identity", *cache.CacheHeader.INFORMATIONAL}  # the device: `warn_other_device`
+    changed = sorted(k for k in before.keys() | now.keys() if k not in unchecked and before.get(k) != now.get(k))
+    teacher = identity_difference(before.get("teacher_identity", ""), now["teacher_identity"],
+                                  sides=("partial run", "this run"))
     changed += [f"teacher: {teacher}"] if teacher else []
     changed += ["shard names"] if previous["shards"] != state["shards"] else []
     return changed
@@ -202,7 +229,82 @@ def resume_or_start(out: Path, header: cache.CacheHeader, shard_names: list[str]
             f"{directory}: a partial run with other settings ({', '.join(changed)}); "
             f"delete {directory} to start over, or run with the same settings"
         )
+    if previous is not None:
+        warn_other_device(out, previous["header"].get("teacher_device", ""), header.teacher_device)
     cache.write_state(out, state)
+
+
+def warn_other_device(out: Path, before: str, now: str) -> None:
+    """A partial run continued on another device model: its parts are kept (same settings, same
+    precision), with a warning, as the two devices' outputs can differ in rounding."""
+    if before and before != now:
+        log.warning("%s: the partial run ran on %s, this run on %s; its parts are kept (same settings "
+                    "and precision: the outputs differ in rounding at most)", cache.parts_dir(out), before, now)
+
+
+def images_per_batch(config: PrecomputeConfig) -> int:
+    """Images per teacher forward: --batch-size counts views, --views per image."""
+    return max(1, config.batch_size // config.views)
+
+
+def batch_bytes(images: int, views: int, size: int) -> int:
+    """Bytes of one batch as a DataLoader worker ships it through shared memory (`ViewRenderer`,
+    `collate`): per image, V uint8 views of 3 x S x S and their float32 view parameters, and an
+    int64 position and label. Keys and captions travel pickled: a few bytes, left out."""
+    return images * (views * (3 * size * size + 4 * len(VIEW_FIELDS)) + 2 * 8)
+
+
+def check_loader_memory(config: PrecomputeConfig, image_size: int, shards: int, local_processes: int) -> None:
+    """Refuse, before the loader starts, prefetched views that /dev/shm cannot hold (with 8
+    ranks x 16 workers, the workers would die by SIGBUS mid-run); `shards`: this rank's to encode."""
+    workers = loader_workers(config.workers, shards)
+    check_shared_memory("precompute", f"--workers {config.workers} --batch-size {config.batch_size}", workers,
+                        PREFETCH, batch_bytes(images_per_batch(config), config.views, image_size),
+                        local_processes)
+
+
+class PartWriter:
+    """Writes finished shards' part files on one background thread while the teacher encodes.
+
+    A part (an HDF5 image built in memory, its checksums, write, fsync, rename) takes seconds on
+    a large shard, which the GPU would otherwise spend idle. At most PARTS_PENDING parts wait:
+    `submit` waits for the oldest when the writer is behind, so memory stays bounded. A failure
+    (a full disk) is raised in the main thread by the next `submit` or by `finish`, the same
+    one-line error. One thread writes the parts in order, so the test hook kill-after-shard:N
+    fires right after the Nth part is on disk and before the next begins (under torchrun its
+    barrier runs on this thread: the main thread meets the other ranks only after `finish`).
+    Leaving the `with` block, even by an error, waits for the parts submitted: finished shards
+    are kept for a resume. The thread starts at the first part, after the DataLoader has forked
+    its workers (no fork while it may hold a lock).
+    """
+
+    def __init__(self, out: Path, header: cache.CacheHeader) -> None:
+        self.out, self.header = out, header
+        self.pending: collections.deque[Future] = collections.deque()
+        self.written = 0  # counted on the writer thread
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="precompute-parts")
+
+    def __enter__(self) -> PartWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.executor.shutdown(wait=True)
+
+    def submit(self, shard: int, buffer: dict[str, list]) -> None:
+        """Queue a shard's part; raises the failure of an earlier one."""
+        while self.pending and (self.pending[0].done() or len(self.pending) >= PARTS_PENDING):
+            self.pending.popleft().result()
+        self.pending.append(self.executor.submit(self.write, shard, buffer))
+
+    def finish(self) -> None:
+        """Return when every submitted part is on disk; raises the first failure."""
+        while self.pending:
+            self.pending.popleft().result()
+
+    def write(self, shard: int, buffer: dict[str, list]) -> None:
+        write_shard_part(self.out, shard, buffer, self.header)
+        self.written += 1
+        faults.kill_after("shard", self.written)  # test hook, see pipeline.faults
 
 
 def encode_shards(
@@ -214,49 +316,57 @@ def encode_shards(
     out: Path,
     header: cache.CacheHeader,
 ) -> int:
-    """Run the teacher over the views of the shards in `todo`, writing a part per shard."""
+    """Run the teacher over the views of the shards in `todo`, a part per shard (`PartWriter`).
+
+    Returns the images encoded, once every part is on disk.
+    """
     if not todo:
         return 0
-    images_per_batch = max(1, config.batch_size // config.views)
-    dataset = ShardBatches(shards, images_per_batch, ViewRenderer(config, teacher.image_size),
+    dataset = ShardBatches(shards, images_per_batch(config), ViewRenderer(config, teacher.image_size),
                            shard_indices=todo)
     anchors_t = anchors.to(teacher.device).T
-    pending: dict[int, dict[str, list]] = {}
+    buffers: dict[int, dict[str, list]] = {}
     progress = Progress(sample_count([shards[s] for s in todo]), "precompute", "img")
-    images, parts = 0, 0
-    for batch in iterate_batches(dataset, config.workers, pin_memory=teacher.device.type == "cuda"):
-        buffer = pending.setdefault(batch["shard"], {k: [] for k in
-                                                     ("keys", "positions", "labels", "params",
-                                                      "similarities", "embeddings", "corrupt")})
-        buffer["corrupt"].extend(batch["corrupt"])
-        if batch["keys"]:
-            n = len(batch["keys"])
-            views = batch["views"].flatten(0, 1)
-            embeddings = teacher.encode_image(views)
-            similarities = (embeddings @ anchors_t).cpu()
-            if not torch.isfinite(similarities).all():  # refused before anything is written
-                bad = sorted({batch["keys"][i // config.views] for i in
-                              torch.nonzero(~torch.isfinite(similarities).all(-1)).flatten().tolist()})
-                raise PipelineError(
-                    f"{shards[batch['shard']]}: the teacher gave non-finite similarities for "
-                    f"{len(bad)} image(s) ({', '.join(bad[:3])}); check the teacher weights "
-                    f"(--teacher-checkpoint) and --precision"
-                )
-            buffer["keys"].extend(batch["keys"])
-            buffer["positions"].append(batch["positions"].numpy())
-            buffer["labels"].append(batch["labels"].numpy())
-            buffer["params"].append(batch["params"].flatten(0, 1).numpy())
-            buffer["similarities"].append(similarities.to(torch.float16).numpy())
-            if config.store_embeddings:
-                buffer["embeddings"].append(embeddings.cpu().to(torch.float16).numpy())
+    images = 0
+    with PartWriter(out, header) as writer:
+        for batch in iterate_batches(dataset, config.workers, pin_memory=teacher.device.type == "cuda",
+                                     prefetch=PREFETCH):
+            buffer = buffers.setdefault(batch["shard"], {k: [] for k in
+                                                         ("keys", "positions", "labels", "params",
+                                                          "similarities", "embeddings", "corrupt")})
+            n = encode_batch(config, teacher, anchors_t, batch, buffer, shards[batch["shard"]])
             images += n
             progress.update(n)
-        if batch["last"]:
-            write_shard_part(out, batch["shard"], pending.pop(batch["shard"]), header)
-            parts += 1
-            faults.kill_after("shard", parts)  # test hook, see pipeline.faults
+            if batch["last"]:
+                writer.submit(batch["shard"], buffers.pop(batch["shard"]))
+        writer.finish()  # before the ranks meet and the join reads the parts
     progress.close()
     return images
+
+
+def encode_batch(config: PrecomputeConfig, teacher, anchors_t: torch.Tensor, batch: dict[str, Any],
+                 buffer: dict[str, list], shard: Path) -> int:
+    """Encode a batch's views and add them to its shard's `buffer`; returns its image count."""
+    buffer["corrupt"].extend(batch["corrupt"])
+    if not batch["keys"]:
+        return 0
+    embeddings = teacher.encode_image(batch["views"].flatten(0, 1))
+    similarities = (embeddings @ anchors_t).cpu()
+    if not torch.isfinite(similarities).all():  # refused before anything of the shard is written
+        bad = sorted({batch["keys"][i // config.views] for i in
+                      torch.nonzero(~torch.isfinite(similarities).all(-1)).flatten().tolist()})
+        raise PipelineError(
+            f"{shard}: the teacher gave non-finite similarities for {len(bad)} image(s) "
+            f"({', '.join(bad[:3])}); check the teacher weights (--teacher-checkpoint) and --precision"
+        )
+    buffer["keys"].extend(batch["keys"])
+    buffer["positions"].append(batch["positions"].numpy())
+    buffer["labels"].append(batch["labels"].numpy())
+    buffer["params"].append(batch["params"].flatten(0, 1).numpy())
+    buffer["similarities"].append(similarities.to(torch.float16).numpy())
+    if config.store_embeddings:
+        buffer["embeddings"].append(embeddings.cpu().to(torch.float16).numpy())
+    return len(batch["keys"])
 
 
 def write_shard_part(out: Path, shard: int, buffer: dict[str, list], header: cache.CacheHeader) -> None:

@@ -248,6 +248,6 @@ def test_a_partial_run_is_kept_for_the_same_teacher_under_another_name_and_refus
     assert str(error.value) == (f"{out}.parts: a partial run with other settings (views_per_image); delete "
                                 f"{out}.parts to start over, or run with the same settings")
     other = dataclasses.replace(header, teacher_identity=identity.replace("a" * 64, "b" * 64))
-    with pytest.raises(PipelineError, match=r"other settings \(teacher: weights sha256: cache aaaaaaaaaaaa\.\.\., "
-                                            r"params bbbbbbbbbbbb\.\.\.\)"):
+    with pytest.raises(PipelineError, match=r"other settings \(teacher: weights sha256: partial run "
+                                            r"aaaaaaaaaaaa\.\.\., this run bbbbbbbbbbbb\.\.\.\)"):
         precompute.resume_or_start(out, other, shards)
