@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 
 from pipeline.errors import PipelineError
 from pipeline.progress import Progress
-from pipeline.shards import Sample, ShardBatches, iterate_batches, sample_count
+from pipeline.shards import (
+    Sample,
+    ShardBatches,
+    check_shared_memory,
+    iterate_batches,
+    loader_workers,
+    sample_count,
+)
 from pipeline.views import eval_view
+
+PREFETCH = 2  # batches each DataLoader worker keeps ready in shared memory
 
 
 def centre_view_batches(shards: Sequence[Path], sizes: dict[str, int], batch_size: int) -> ShardBatches:
@@ -21,6 +30,20 @@ def centre_view_batches(shards: Sequence[Path], sizes: dict[str, int], batch_siz
         return {name: eval_view(sample.image, size) for name, size in sizes.items()}
 
     return ShardBatches(shards, batch_size, prepare)
+
+
+def centre_view_batch_bytes(sizes: Iterable[int], batch_size: int) -> int:
+    """Bytes of the tensors of one `centre_view_batches` batch, as its worker ships them through
+    shared memory: a uint8 view per distinct resolution, and each image's position and label."""
+    return batch_size * (sum(3 * size * size for size in set(sizes)) + 8 + 8)
+
+
+def check_loader_memory(what: str, options: str, shards: Sequence[Path], sizes: Iterable[int], batch_size: int,
+                        workers: int, local_processes: int = 1) -> int:
+    """`check_shared_memory` for `extract_features` over `shards`, before its loader starts: the
+    workers it runs (`loader_workers`) x PREFETCH x the batch bytes."""
+    return check_shared_memory(what, options, loader_workers(workers, len(shards)), PREFETCH,
+                               centre_view_batch_bytes(sizes, batch_size), local_processes)
 
 
 class RowBuffer:
@@ -58,6 +81,7 @@ def extract_features(
     workers: int,
     desc: str = "features",
     dtype: torch.dtype = torch.float32,
+    pin_memory: bool = False,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
     """Run every encoder (name -> (resolution, fn on [0,1] pixels)) over the shards' evaluation views.
 
@@ -65,9 +89,12 @@ def extract_features(
     per encoder (N, D) of `dtype` on CPU (float16 halves the memory of float32; each batch is
     converted on the encoder's device before it is moved), the labels (N,) and the keys of
     corrupt samples. Raises PipelineError when a feature is beyond the range of `dtype`.
+    `pin_memory` (for a CUDA encoder): batches arrive in pinned memory, so that the encoders'
+    copies to the device do not first go through a pageable staging buffer.
     """
     sizes = {f"pixels_{size}": size for size, _ in encoders.values()}
-    loader = iterate_batches(centre_view_batches(shards, sizes, batch_size), workers)
+    loader = iterate_batches(centre_view_batches(shards, sizes, batch_size), workers, pin_memory=pin_memory,
+                             prefetch=PREFETCH)
     expected = sample_count(shards)
     features = {name: RowBuffer(expected or batch_size, dtype) for name in encoders}
     labels, corrupt = RowBuffer(expected or batch_size, torch.long), []

@@ -4,15 +4,23 @@
     shape, against fixed targets (no teacher, no cache);
 (b) cached CSM distillation: the real stage-two data path (shards + HDF5 targets);
 (c) online CSM distillation: the teacher runs on every batch (no cache);
-(d) the bare teacher forward on pre-decoded tensors, against precompute end to end;
+(d) the bare teacher (normalisation and forward) on uint8 views already on its device, against
+    precompute end to end;
 (e) cache bytes per view, full float16 and top-k;
 (f) peak RSS of distillation with the cache at 1x and at 8x its size (views replicated).
 Every number comes from this run; the ratios are what to compare across machines.
+
+What is timed is what runs on the device: every timed window waits for the device's queue
+(`synchronize`) before it reads the clock, at both ends; the three training measurements
+load their data with distill's loader settings (workers, prefetch, pinned memory on CUDA,
+shard mixing; (b) through distill's own `TrainLoader`). The bench runs in one process:
+under torchrun, rank 0 measures on its own device and the other ranks return at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import multiprocessing
 import resource
@@ -25,22 +33,24 @@ from typing import Any
 
 import torch
 
+from pipeline import distributed, precision
 from pipeline.atomic import write_json
 from pipeline.cache import TeacherCache, replicate_views
 from pipeline.config import BenchConfig, PrecomputeConfig, write_resolved
 from pipeline.errors import PipelineError
 from pipeline.losses import csm_loss
 from pipeline.prompts import anchor_embeddings
-from pipeline.shards import MixedBatches, Sample, ShardBatches, iterate_batches, list_shards
+from pipeline.shards import MixedBatches, Sample, SharedPosition, list_shards, loader_batches, make_loader
 from pipeline.student import build_student, student_on
 from pipeline.teacher import Teacher, load_teacher, resolve_device
-from pipeline.training import MIN_BATCH, Objective, ReplayViews, make_optimizer, train_step
+from pipeline.training import MIN_BATCH, Objective, ReplayViews, TrainLoader, make_optimizer, train_step
 from pipeline.views import apply_view, sample_view_params, view_rng
 from stages import precompute
 
 log = logging.getLogger(__name__)
 
 CROP_SCALE, CROP_RATIO = (0.35, 1.0), (3 / 4, 4 / 3)
+ONE_PROCESS = distributed.Process()  # what every measurement runs as: rank 0 of 1
 
 
 class FreshViews:
@@ -56,40 +66,69 @@ class FreshViews:
         return {name: apply_view(sample.image, params, size) for name, size in self.sizes.items()}
 
 
-def cycle_batches(make_dataset: Callable[[int], ShardBatches | MixedBatches],
-                  workers: int) -> Generator[dict[str, Any], None, None]:
-    """Batches epoch after epoch (skipping batches too small for BatchNorm)."""
-    epoch = 0
-    while True:
-        for batch in iterate_batches(make_dataset(epoch), workers):
-            if len(batch["keys"]) >= MIN_BATCH:
-                yield batch
-        epoch += 1
+def fresh_view_batches(config: BenchConfig, shards: list[Path], sizes: dict[str, int], round_: int,
+                       device: torch.device) -> Generator[dict[str, Any], None, None]:
+    """(a) and (c)'s batches, endlessly: distill's loader and shard mixing (`TrainLoader`'s
+    settings), with a fresh random view per image instead of a cached one."""
+    train = config.train
+    position = SharedPosition(round_)
+    dataset = MixedBatches(shards, train.batch_size, FreshViews(sizes, round_), None, seed=train.seed,
+                           epoch=position, mix=train.mix_shards)
+    loader = make_loader(dataset, train.workers, pin_memory=device.type == "cuda", prefetch=train.prefetch,
+                         persistent=True)
+    for lap in itertools.count():
+        position.move_to(round_, lap)
+        yield from (batch for batch in loader_batches(loader) if len(batch["keys"]) >= MIN_BATCH)
+
+
+def cached_batches(config: BenchConfig, cache: TeacherCache, shards: list[Path], round_: int,
+                   device: torch.device) -> Generator[dict[str, Any], None, None]:
+    """(b)'s batches, endlessly: distill's own loader (`TrainLoader`) at epoch `round_`."""
+    loader = TrainLoader(config.train, cache, OBJECTIVE, shards, ONE_PROCESS, device)
+    try:
+        yield from loader.epoch(round_)
+    finally:
+        loader.close()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (CUDA runs kernels asynchronously: the clock read
+    right after a step would miss its kernels); a no-op on a CPU, whose work is done on return."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def timed(batches: Generator[dict[str, Any], None, None], step: Callable[[dict[str, Any]], None], warmup: int,
-          steps: int) -> dict[str, float]:
-    """Images per second over `steps` steps after `warmup` untimed ones (data loading included)."""
+          steps: int, device: torch.device) -> dict[str, float]:
+    """Images per second over `steps` steps after `warmup` untimed ones (data loading included),
+    the device's queue drained at both ends of the window."""
     for _ in range(warmup):
         step(next(batches))
+    synchronize(device)  # the warm-up's kernels are not the window's
     images, started = 0, time.perf_counter()
     for _ in range(steps):
         batch = next(batches)
         step(batch)
         images += len(batch["keys"])
+    synchronize(device)
     seconds = time.perf_counter() - started
     batches.close()  # stops the DataLoader workers: none may run on during the next measurement
     return {"images_per_second": images / seconds, "seconds": seconds, "images": images}
 
 
-def student_trainer(config: BenchConfig, out_dim: int, device: torch.device):
-    """The student and optimiser of the train section, as distill builds them."""
+def student_trainer(config: BenchConfig, out_dim: int, anchors: torch.Tensor,
+                    device: torch.device) -> Callable[[dict[str, Any]], dict[str, torch.Tensor]]:
+    """A training step of the train section's student and optimiser, as distill builds and
+    steps them (its precision choice and, for fp16, its loss scaler)."""
     torch.manual_seed(0)
     model = build_student({"arch": config.train.arch, "out_dim": out_dim, "head": config.train.head,
                            "head_hidden": config.train.head_hidden, "normalize_output": True})
     model = student_on(model, device)
     model.train()
-    return model, make_optimizer(model, config.train)
+    optimizer = make_optimizer(model, config.train)
+    chosen = precision.for_device(config.train.precision, device)
+    scaler = precision.grad_scaler(chosen, device)
+    return lambda batch: train_step(model, optimizer, OBJECTIVE, batch, anchors, device, chosen, scaler)
 
 
 TAU = 0.05  # what a step costs does not depend on the temperatures
@@ -112,53 +151,42 @@ def measure_training(config: BenchConfig, cache: TeacherCache, teacher: Teacher,
     anchors = cache.anchors().to(device)
 
     # (a) plain: same shards, decode and view rendering; fixed targets of the same shape.
-    plain_model, plain_optimizer = student_trainer(config, cache.header.embed_dim, device)
+    plain_train = student_trainer(config, cache.header.embed_dim, anchors, device)
     fixed_targets = torch.randn(config.train.batch_size, cache.header.num_anchors)
 
     def plain_batches(round_: int):
-        return cycle_batches(lambda e: ShardBatches(shards, config.train.batch_size, FreshViews(
-            {"pixels": config.train.image_size}, e), order_seed=round_, epoch=e), config.train.workers)
+        return fresh_view_batches(config, shards, {"pixels": config.train.image_size}, round_, device)
 
     def plain_step(batch):
         batch["targets"] = fixed_targets[: len(batch["keys"])]
-        train_step(plain_model, plain_optimizer, OBJECTIVE, batch, anchors, device, config.train.precision)
+        plain_train(batch)
 
     # (b) cached: the stage-two data path, targets from the HDF5 cache.
-    cached_model, cached_optimizer = student_trainer(config, cache.header.embed_dim, device)
-
-    def cached_batches(round_: int):
-        def dataset(epoch: int) -> MixedBatches:
-            replay = ReplayViews(cache, 0, epoch, config.train.image_size, with_targets=True)
-            return MixedBatches(shards, config.train.batch_size, replay, replay.context, seed=round_, epoch=epoch)
-        return cycle_batches(dataset, config.train.workers)
-
-    def cached_step(batch):
-        train_step(cached_model, cached_optimizer, OBJECTIVE, batch, anchors, device, config.train.precision)
+    cached_step = student_trainer(config, cache.header.embed_dim, anchors, device)
 
     # (c) online: the teacher encodes every view (its own resolution) before the student step.
     prompt_embeddings = teacher.encode_text(cache.prompts())
     prompt_classes = cache.prompt_classes()
     online_anchors = anchor_embeddings(prompt_embeddings.cpu(), prompt_classes, cache.header.num_classes,
                                        cache.header.anchor_mode).to(device)
-    online_model, online_optimizer = student_trainer(config, teacher.embed_dim, device)
+    online_train = student_trainer(config, teacher.embed_dim, online_anchors, device)
 
     def online_batches(round_: int):
-        return cycle_batches(lambda e: ShardBatches(shards, config.train.batch_size, FreshViews(
-            {"pixels": config.train.image_size, "teacher_pixels": teacher.image_size}, e), order_seed=round_, epoch=e),
-            config.train.workers)
+        return fresh_view_batches(config, shards, {"pixels": config.train.image_size,
+                                                   "teacher_pixels": teacher.image_size}, round_, device)
 
     def online_step(batch):
         batch["targets"] = (teacher.encode_image(batch["teacher_pixels"]) @ online_anchors.T).float()
-        train_step(online_model, online_optimizer, OBJECTIVE, batch, online_anchors, device,
-                   config.train.precision)
+        online_train(batch)
 
-    kinds = {"plain": (plain_batches, plain_step), "cached": (cached_batches, cached_step),
+    kinds = {"plain": (plain_batches, plain_step),
+             "cached": (lambda round_: cached_batches(config, cache, shards, round_, device), cached_step),
              "online": (online_batches, online_step)}
     totals = {name: {"images": 0, "seconds": 0.0} for name in kinds}
     steps = max(1, config.steps // ROUNDS)
     for round_ in range(ROUNDS):
         for name, (batches, step) in kinds.items():
-            result = timed(batches(round_), step, config.warmup_steps, steps)
+            result = timed(batches(round_), step, config.warmup_steps, steps, device)
             totals[name]["images"] += result["images"]
             totals[name]["seconds"] += result["seconds"]
     results = {name: {**t, "images_per_second": t["images"] / t["seconds"]} for name, t in totals.items()}
@@ -174,18 +202,19 @@ def precompute_batch_size(config: BenchConfig) -> int:
 
 
 def measure_teacher_forward(config: BenchConfig, teacher: Teacher) -> float:
-    """(d) views/s of the bare teacher on pre-decoded tensors, at precompute's batch size."""
+    """(d) views/s of the bare teacher at precompute's batch size: its own normalisation and
+    forward on uint8 views already on its device, made once before the window (precompute's
+    views are uint8 too; a float32 host copy in the window would be work precompute never does)."""
     batch = precompute_batch_size(config)
-    views = torch.rand(batch, 3, teacher.image_size, teacher.image_size)
+    views = torch.randint(0, 256, (batch, 3, teacher.image_size, teacher.image_size), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0)).to(teacher.device)
     teacher.encode_image(views)
-    if teacher.device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(teacher.device)
     started, count = time.perf_counter(), 0
     while count < max(config.steps, 1) * batch // 2 or time.perf_counter() - started < 2:
         teacher.encode_image(views)
         count += len(views)
-    if teacher.device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(teacher.device)
     return count / (time.perf_counter() - started)
 
 
@@ -208,19 +237,26 @@ def view_storage_bytes(path: Path) -> float:
         reader.close()
 
 
-def measure_precompute(config: BenchConfig, work: Path) -> dict[str, Any]:
+def precompute_here(config: PrecomputeConfig, device: torch.device, allow_random_teacher: bool) -> dict[str, Any]:
+    """precompute in this process alone, on `device`: under torchrun, `precompute.run` would join
+    the process group and wait there for the other ranks, which have returned."""
+    precompute.check_options(config)
+    return precompute.run_process(config, ONE_PROCESS, device, allow_random_teacher)
+
+
+def measure_precompute(config: BenchConfig, work: Path, device: torch.device) -> dict[str, Any]:
     """(d) precompute end to end and (e) bytes per view, on the first shards of the set."""
     subset = subset_shards(config.train.shards, config.precompute_shards, work)
     base = PrecomputeConfig(
         shards=str(subset), out="", views=config.views, crop_scale=CROP_SCALE, crop_ratio=CROP_RATIO, flip=True,
         seed=0, topk=0, store_embeddings=False, batch_size=precompute_batch_size(config), workers=config.train.workers,
-        device=config.train.device, precision="bf16", metrics="", teacher=config.teacher, prompts=config.prompts)
+        device=str(device), precision="bf16", metrics="", teacher=config.teacher, prompts=config.prompts)
     results = {}
     for name, topk in (("full", 0), ("topk", config.topk)):
         out = work / f"{name}.h5"
-        metrics = precompute.run(dataclasses.replace(base, out=str(out), topk=topk,
-                                                     metrics=str(work / f"{name}.json")),
-                                 allow_random_teacher=config.random_teacher)
+        metrics = precompute_here(dataclasses.replace(base, out=str(out), topk=topk,
+                                                      metrics=str(work / f"{name}.json")),
+                                  device, allow_random_teacher=config.random_teacher)
         results[name] = {"views_per_second": metrics["views_per_second"],
                          "images_per_second": metrics["images_per_second"],
                          "bytes_per_view_file": metrics["bytes_per_view"],
@@ -228,21 +264,15 @@ def measure_precompute(config: BenchConfig, work: Path) -> dict[str, Any]:
     return results
 
 
-def rss_child(config: BenchConfig, cache_path: str, queue: multiprocessing.Queue) -> None:
+def rss_child(config: BenchConfig, cache_path: str, device_name: str, queue: multiprocessing.Queue) -> None:
     """Runs cached distillation steps in a fresh process; reports its peak RSS and its workers'."""
-    device = resolve_device(config.train.device)
+    device = torch.device(device_name)
+    precision.configure(precision.for_device(config.train.precision, device), training=True,
+                        deterministic=config.train.deterministic)
     cache = TeacherCache(cache_path)
     shards = list_shards(config.train.shards, "train")
-    model, optimizer = student_trainer(config, cache.header.embed_dim, device)
-    anchors = cache.anchors().to(device)
-
-    def dataset(epoch: int) -> MixedBatches:
-        replay = ReplayViews(cache, 0, epoch, config.train.image_size, with_targets=True)
-        return MixedBatches(shards, config.train.batch_size, replay, replay.context, seed=0, epoch=epoch)
-
-    timed(cycle_batches(dataset, config.train.workers),
-          lambda b: train_step(model, optimizer, OBJECTIVE, b, anchors, device, config.train.precision), 0,
-          config.warmup_steps + config.steps)
+    step = student_trainer(config, cache.header.embed_dim, cache.anchors().to(device), device)
+    timed(cached_batches(config, cache, shards, 0, device), step, 0, config.warmup_steps + config.steps, device)
     main_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     workers_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     queue.put({"main_mib": main_kib / 1024, "worker_mib": workers_kib / 1024})
@@ -286,7 +316,7 @@ def target_read_ratio(cache_path: str | Path, epochs: int = 2) -> float | None:
     return read / max(1, used)
 
 
-def measure_rss(config: BenchConfig, work: Path) -> dict[str, Any]:
+def measure_rss(config: BenchConfig, work: Path, device: torch.device) -> dict[str, Any]:
     """(f) peak RSS of cached distillation with the cache at 1x and 8x (each in a fresh process),
     and (g) the bytes each reads from the cache per byte it uses."""
     big = work / "cache8x.h5"
@@ -295,7 +325,7 @@ def measure_rss(config: BenchConfig, work: Path) -> dict[str, Any]:
     context = multiprocessing.get_context("spawn")
     for name, path in (("1x", config.train.cache), ("8x", str(big))):
         queue = context.Queue()
-        child = context.Process(target=rss_child, args=(config, path, queue))
+        child = context.Process(target=rss_child, args=(config, path, str(device), queue))
         child.start()
         child.join()
         if child.exitcode != 0:
@@ -309,12 +339,19 @@ def measure_rss(config: BenchConfig, work: Path) -> dict[str, Any]:
 
 
 def run(config: BenchConfig) -> dict[str, Any]:
+    """The bench; under torchrun on rank 0 only (the other ranks return an empty dict)."""
+    process = distributed.single_process_stage("bench")
+    if process is None:
+        return {}
     if config.steps < 1 or config.train.batch_size < 2:
         raise PipelineError("options --steps must be >= 1 and --batch-size >= 2")
-    device = resolve_device(config.train.device)
+    device = distributed.local_device(resolve_device(config.train.device), process)
+    # the process-wide switches distill sets (TF32, cuDNN autotuning, deterministic kernels)
+    precision.configure(precision.for_device(config.train.precision, device), training=True,
+                        deterministic=config.train.deterministic)
     cache = TeacherCache(config.train.cache)
     cache.require(shards=list_shards(config.train.shards, "train"))
-    teacher = load_teacher(config.teacher, config.train.device, allow_random=config.random_teacher)
+    teacher = load_teacher(config.teacher, str(device), allow_random=config.random_teacher)
     started = time.perf_counter()
     training = measure_training(config, cache, teacher, device)
     with tempfile.TemporaryDirectory(prefix="csm-bench-") as tmp:
@@ -322,10 +359,10 @@ def run(config: BenchConfig) -> dict[str, Any]:
         # The bare teacher is timed right before and right after precompute: their mean is
         # what precompute is compared with, so a drifting machine does not skew the ratio.
         before = measure_teacher_forward(config, teacher)
-        storage = measure_precompute(config, work / "precompute")
+        storage = measure_precompute(config, work / "precompute", device)
         after = measure_teacher_forward(config, teacher)
         teacher_views_per_second = (before + after) / 2
-        rss = measure_rss(config, work) if config.measure_rss else {}
+        rss = measure_rss(config, work, device) if config.measure_rss else {}
     result = {
         "device": str(device),
         "teacher": teacher.identity,

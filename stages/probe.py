@@ -13,7 +13,11 @@ class anchors (`zeroshot_top1_plain`, `zeroshot_top1_cpa`), whatever prompt set 
 Memory is bounded for ImageNet: the images are decoded once and every model's features are
 stored in float16 on the host; the models are then freed and the probes are fitted one model at
 a time on the stage's device, each moving only its own features there (as float32). The
-budget (`pipeline.linear_probe.probe_memory`) is logged before the features are extracted.
+budget (`pipeline.linear_probe.probe_memory`) is logged before the features are extracted, and
+the shared memory of the DataLoader workers' batches is checked against /dev/shm.
+
+It runs in one process: under torchrun, rank 0 does it all on its own device and the other
+ranks return at once (every rank would otherwise run the whole probe, on the same GPU).
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ from typing import Any
 
 import torch
 
+from pipeline import distributed
 from pipeline.atomic import atomic_path, write_json
 from pipeline.cache import TeacherCache
 from pipeline.config import ProbeConfig, write_resolved
 from pipeline.errors import PipelineError
-from pipeline.features import extract_features, zero_shot_scores
+from pipeline.features import check_loader_memory, extract_features, zero_shot_scores
 from pipeline.linear_probe import DEFAULT_WEIGHT_DECAYS, linear_probe, probe_memory, topk_accuracy
+from pipeline.precision import configure, for_device
 from pipeline.progress import Progress
 from pipeline.prompts import class_anchors, encode_prompts, prompt_store
 from pipeline.shards import ClassInfo, list_shards, manifest_rows, read_classes, sample_count
@@ -52,7 +58,7 @@ def backbone_encoder(model: Student, device: torch.device, precision: str = "fp3
 
     @torch.no_grad()
     def encode(pixels: torch.Tensor) -> torch.Tensor:
-        with autocast(device, precision, cpu=True):
+        with autocast(device, precision):
             return model.features(student_input(pixels, device)).float()
 
     return encode
@@ -84,7 +90,13 @@ def random_init_like(checkpoint: dict[str, Any]) -> Student:
 
 
 def run(config: ProbeConfig) -> dict[str, Any]:
-    device = resolve_device(config.device)
+    """The probe; under torchrun on rank 0 only (the other ranks return an empty dict)."""
+    process = distributed.single_process_stage("probe")
+    if process is None:
+        return {}
+    device = distributed.local_device(resolve_device(config.device), process)
+    # TF32 on or off as --precision says: PyTorch's default leaves cuDNN convolutions on TF32
+    configure(for_device(config.precision, device))
     cache = TeacherCache(config.cache)
     classes = read_classes(config.shards)
     num_classes = len(classes)
@@ -135,7 +147,7 @@ def features_and_zero_shot(config: ProbeConfig, cache: TeacherCache, classes: li
     """
     student, checkpoint = load_student(config.student)
     cache.require_student(config.student, checkpoint, fix="pass the student distilled from this cache (--student)")
-    teacher = load_teacher(config.teacher, config.device, precision=config.precision)
+    teacher = load_teacher(config.teacher, str(device), precision=config.precision)
     cache.require(teacher_identity=teacher.identity, fix="re-run precompute or fix the teacher options")
     size = int(checkpoint["image_size"])
     backbones = {"student": student, "random_init": random_init_like(checkpoint)}
@@ -163,10 +175,16 @@ def features_and_zero_shot(config: ProbeConfig, cache: TeacherCache, classes: li
     num_train, num_val = sample_count(train_shards), sample_count(val_shards)
     if num_train is not None and num_val is not None:
         log_budget(num_train, num_val)
+    # One loader at a time (train, then val): the split with more shards can run more workers.
+    # One process per machine runs loaders (the other torchrun ranks have returned).
+    check_loader_memory("probe", f"--workers {config.workers} --batch-size {config.batch_size}",
+                        max(train_shards, val_shards, key=len), [size for size, _ in encoders.values()],
+                        config.batch_size, config.workers)
+    pinned = device.type == "cuda"  # the encoders copy each batch to the GPU: from pinned memory, asynchronously
     train = SplitFeatures(*extract_features(train_shards, encoders, config.batch_size, config.workers,
-                                            "probe train", FEATURE_DTYPE)[:2])
+                                            "probe train", FEATURE_DTYPE, pin_memory=pinned)[:2])
     val = SplitFeatures(*extract_features(val_shards, encoders, config.batch_size, config.workers,
-                                          "probe val", FEATURE_DTYPE)[:2])
+                                          "probe val", FEATURE_DTYPE, pin_memory=pinned)[:2])
     if (train.labels < 0).any() or (val.labels < 0).any():
         raise PipelineError(f"{config.shards}: the probe needs labelled train and val shards")
     if num_train is None or num_val is None:  # no manifest: the budget from what was extracted

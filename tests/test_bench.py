@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from pipeline.cache import TeacherCache, stored_bytes_per_view, topk_index_dtype
 from pipeline.teacher import load_teacher
@@ -55,3 +56,38 @@ def test_bench_reports_every_ratio(demo_shards, tiny_teacher, tmp_path, capsys):
     assert written["read_per_used_byte_8x"] <= 1.1 * written["read_per_used_byte_1x"]
     table = capsys.readouterr().out
     assert "cached_over_plain" in table and "(f) peak RSS" in table
+
+
+def test_timed_window_waits_for_the_device_at_both_ends(monkeypatch):
+    """The clock starts after the warm-up's queued work is done and stops after the window's:
+    `synchronize` runs right after the warm-up and right after the last timed step."""
+    events = []
+    monkeypatch.setattr(bench, "synchronize", lambda device: events.append(("synchronize", device.type)))
+
+    def batches():
+        while True:
+            yield {"keys": ["a", "b", "c"]}
+
+    result = bench.timed(batches(), lambda batch: events.append("step"), warmup=2, steps=3,
+                         device=torch.device("cpu"))
+    assert events == ["step", "step", ("synchronize", "cpu"), "step", "step", "step", ("synchronize", "cpu")]
+    assert result["images"] == 9 and result["images_per_second"] == result["images"] / result["seconds"]
+
+
+def test_bare_teacher_is_timed_on_uint8_views_made_once_on_its_device(tiny_teacher, demo_shards, tmp_path):
+    """(d) feeds the teacher what precompute feeds it, uint8 views (its own normalisation runs in
+    the window), already on its device: the same tensor every call, made before the window."""
+    teacher = load_teacher(precompute_config(demo_shards, tmp_path / "unused.h5", tiny_teacher).teacher, "cpu")
+    seen = []
+    encode = teacher.encode_image
+
+    def recording(views):
+        seen.append(views)
+        return encode(views)
+
+    teacher.encode_image = recording
+    config = stage_config("bench", steps=1, views=2)
+    assert bench.measure_teacher_forward(config, teacher) > 0
+    assert len(seen) >= 2 and all(views is seen[0] for views in seen)
+    assert seen[0].dtype == torch.uint8 and seen[0].device == teacher.device
+    assert seen[0].shape == (bench.precompute_batch_size(config), 3, 32, 32)

@@ -19,9 +19,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.features import extract_features
+from pipeline.features import centre_view_batch_bytes, centre_view_batches, extract_features
 from pipeline.linear_probe import CHUNK_LOGIT_BYTES, default_chunk_rows, fit_memory_bytes, probe_memory
-from pipeline.shards import list_shards
+from pipeline.shards import iterate_batches, list_shards
 from tests.conftest import ROOT
 
 IMAGENET_TRAIN, IMAGENET_VAL, IMAGENET_CLASSES = 1_281_167, 50_000, 1000
@@ -53,6 +53,16 @@ def test_stored_features_are_float16_and_take_the_bytes_of_the_budget(demo_shard
     assert budget.features_bytes == held
     assert budget.largest == "fine"
     assert budget.host_bytes == held + fit_memory_bytes(num_train, 48, 10)
+
+
+def test_loader_batch_bytes_are_the_bytes_a_worker_ships(demo_shards):
+    """The shared-memory check's batch size: exactly the tensors of a full batch from a worker (a
+    view per distinct resolution, positions and labels; keys and captions travel pickled)."""
+    sizes = {"pixels_16": 16, "pixels_24": 24}
+    batch = next(iterate_batches(centre_view_batches(list_shards(demo_shards, "train"), sizes, 8), 1))
+    shipped = sum(value.untyped_storage().nbytes() for value in batch.values() if isinstance(value, torch.Tensor))
+    assert len(batch["keys"]) == 8
+    assert centre_view_batch_bytes([16, 24, 24], 8) == shipped == 8 * (3 * 16 * 16 + 3 * 24 * 24 + 16)
 
 
 PEAK_SCRIPT = textwrap.dedent("""
