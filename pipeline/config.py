@@ -171,8 +171,11 @@ class TrainConfig:
 
     shards: str = opt("shard directory (reads its train-*.tar)")
     cache: str = opt("teacher cache (HDF5) written by precompute: views and targets")
-    arch: str = opt("torchvision classification model name")
-    head: str = opt("projection head", choices=("linear", "mlp"))
+    arch: str = opt("backbone: a torchvision classification model name (resnet18), or timm/NAME for timm's "
+                    "model NAME (timm/mobilenetv3_small_100; names: timm.list_models())")
+    head: str = opt("projection head: linear; mlp (Linear-BN-ReLU-Linear, --head-hidden wide); clip-mlp "
+                    "(open_clip's timm 'mlp' projection, Linear-GELU-Linear 2 x the embedding dim wide; "
+                    "ignores --head-hidden)", choices=("linear", "mlp", "clip-mlp"))
     head_hidden: int = opt("hidden width of the mlp head", low=1)
     image_size: int = opt("student input resolution", low=8)
     epochs: int = opt("training epochs", low=1)

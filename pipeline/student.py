@@ -1,22 +1,36 @@
-"""The student: any torchvision classification backbone with a projection head.
+"""The student: a torchvision or timm classification backbone with a projection head.
 
-The backbone's final linear classifier is replaced by a head: a projection into the
-teacher's embedding space (linear, or Linear-BN-ReLU-Linear), L2-normalised, for CSM; or a
-plain linear classifier for the supervised reference. Input normalisation (ImageNet mean
-and std) lives inside the module, so a checkpoint is self-contained: it takes images in
-[0, 1] (or uint8 views) at its resolution.
+`arch` names the backbone: a torchvision model (`resnet18`), or a timm model behind the prefix
+`timm/` (`timm/mobilenetv3_small_100`), built with random weights and no classifier. The
+backbone's classifier is replaced by a head: a projection into the teacher's embedding space
+(`linear`; `mlp`, Linear-BN-ReLU-Linear; `clip-mlp`, open_clip's timm projection), L2-normalised,
+for CSM; or a plain linear classifier for the supervised reference. Input normalisation lives
+inside the module, so a checkpoint is self-contained: it takes images in [0, 1] (or uint8 views)
+at its resolution. It is ImageNet's mean and std for every arch, timm's included (not the timm
+model's own `pretrained_cfg` mean and std): the views a cache stores are the same for all
+students, and a student starts from random weights, trained on that normalisation.
+
+State_dict keys, for export: `backbone.*` is the torchvision or timm model's own state_dict (a
+torchvision ResNet's loads into timm's ResNet of the same name, `strict=True`, with the same
+features; timm's is what open_clip's `TimmModel` holds as `trunk.*`); `head.*` is `head.weight`,
+`head.bias` (linear), `head.0.*`, `head.1.*`, `head.3.*` (mlp: Linear, BatchNorm1d, Linear), or
+`head.mlp.fc1.*`, `head.mlp.fc2.*` (clip-mlp: open_clip's `TimmModel.head` with `proj="mlp"`,
+`proj_bias=True`, key for key); `mean` and `std` are the normalisation buffers.
 """
 
 from __future__ import annotations
 
 import io
 import pickle
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 import torch.nn.functional as F
 import torchvision
+from timm.layers import Mlp
 from torch import nn
 
 from pipeline.atomic import write_bytes
@@ -25,9 +39,18 @@ from pipeline.views import normalize_pixels
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+TIMM_PREFIX = "timm/"  # `--arch timm/NAME`: timm's model NAME; any other arch is torchvision's
+HEADS = ("linear", "mlp", "clip-mlp")
 
 
 def backbone_without_classifier(arch: str) -> tuple[nn.Module, int]:
+    """A randomly initialised backbone without its classifier (pooled features out); their width."""
+    if arch.startswith(TIMM_PREFIX):
+        return timm_backbone(arch)
+    return torchvision_backbone(arch)
+
+
+def torchvision_backbone(arch: str) -> tuple[nn.Module, int]:
     """A randomly initialised torchvision model whose last Linear is an Identity; its width."""
     try:
         model = torchvision.models.get_model(arch, weights=None)
@@ -49,13 +72,45 @@ def backbone_without_classifier(arch: str) -> tuple[nn.Module, int]:
     return model, last.in_features
 
 
+def timm_backbone(arch: str) -> tuple[nn.Module, int]:
+    """A randomly initialised timm model built with `num_classes=0` (pooled features out); its width."""
+    name = arch.removeprefix(TIMM_PREFIX)
+    # checked first: timm.create_model would also accept hub names (`hf-hub:...`) and fetch them
+    if not timm.is_model(name):
+        raise PipelineError(f"option --arch {arch}: not a timm model; see timm.list_models()")
+    model = timm.create_model(name, pretrained=False, num_classes=0)
+    return model, pooled_width(model, arch)
+
+
+def pooled_width(model: nn.Module, arch: str) -> int:
+    """The width of what a timm model without classifier returns, measured on one blank image.
+
+    Not `num_features`: that is the width before a model's own head layers, which `num_classes=0`
+    keeps (MobileNetV3's pooled 576 channels go through a 1 x 1 convolution to 1,024). In eval
+    mode and from zeros, so that neither BatchNorm statistics nor the random generator move.
+    """
+    training = model.training
+    with torch.no_grad():
+        out = model.eval()(torch.zeros(1, *model.pretrained_cfg["input_size"]))
+    model.train(training)
+    if out.ndim != 2:
+        raise PipelineError(f"option --arch {arch}: returns {tuple(out.shape[1:])} per image without its "
+                            f"classifier, not pooled features; pick a model with global pooling")
+    return out.shape[1]
+
+
 def projection_head(kind: str, in_dim: int, out_dim: int, hidden: int) -> nn.Module:
+    """The head named by `--head`; `hidden` is the mlp's width (clip-mlp's is 2 x out_dim)."""
     if kind == "linear":
         return nn.Linear(in_dim, out_dim)
     if kind == "mlp":
         return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
                              nn.Linear(hidden, out_dim))
-    raise PipelineError(f"option --head {kind}: expected linear or mlp")
+    if kind == "clip-mlp":
+        # open_clip's TimmModel head for `timm_proj: mlp, timm_proj_bias: true` (dropout 0), the same
+        # module under the same name: Linear(in, 2 out) - GELU (exact) - Linear(2 out, out), with biases
+        return nn.Sequential(OrderedDict(mlp=Mlp(in_dim, 2 * out_dim, out_dim, bias=(True, True))))
+    raise PipelineError(f"option --head {kind}: expected one of {', '.join(HEADS)}")
 
 
 class Student(nn.Module):
