@@ -263,19 +263,25 @@ def predict(
 @app.command("export")
 @with_teacher_options
 def export(
-    out: Path = typer.Option(..., "--out", help="directory for student.torchscript.pt, student.onnx, "
-                             "anchors.npy and classes.json"),
+    out: Path = typer.Option(..., "--out", help="directory for the exported files"),
+    export_format: str = typer.Option("standalone", "--format", help="standalone: student.torchscript.pt, "
+                                      "student.onnx, anchors.npy and classes.json; open_clip: the student with the "
+                                      "teacher's text tower as an open_clip model (open_clip_config.json, "
+                                      "open_clip_model.safetensors, README.md, config.json; needs an open_clip "
+                                      "teacher: the params' teacher section with the --teacher-* options over it)"),
     student: Path = typer.Option(None, help=STUDENT_HELP),
     cache: Path = typer.Option(None, help=CACHE_HELP),
     shards: Path = typer.Option(None, help=SHARDS_HELP),
     **teacher_options: Any,
 ) -> None:
-    """Write the student as TorchScript and ONNX image encoders, with its anchors and class names."""
+    """Write the student as TorchScript and ONNX image encoders with its anchors and class names, or as an
+    open_clip model (--format open_clip)."""
     from stages import export as export_stage
     from stages.predict import StudentFiles
 
     export_stage.run(StudentFiles(student, cache, shards, active_params()), out,
-                     cfg.load_config("distill", active_params()).tau_student, given_teacher(teacher_options))
+                     cfg.load_config("distill", active_params()).tau_student, given_teacher(teacher_options),
+                     export_format)
 
 
 def main(argv: list[str] | None = None) -> int:

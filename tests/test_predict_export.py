@@ -374,10 +374,14 @@ def test_exported_models_give_the_pytorch_embeddings(trained, exported):
 
 
 def readme_snippets() -> dict[str, str]:
-    """The python blocks of docs/using-the-student.md (README links it), by what they run on."""
+    """The python blocks of docs/using-the-student.md (README links it), by what they run on:
+    onnxruntime, open_clip, or torch alone."""
     text = (ROOT / "docs" / "using-the-student.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    return {"onnxruntime" if "import onnxruntime" in block else "torch": block for block in blocks}
+    runtimes = [next((name for name in ("onnxruntime", "open_clip") if f"import {name}" in block), "torch")
+                for block in blocks]
+    assert len(set(runtimes)) == len(runtimes), f"one snippet per runtime: {runtimes}"
+    return dict(zip(runtimes, blocks, strict=True))
 
 
 @pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
