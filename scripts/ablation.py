@@ -45,11 +45,13 @@ from typing import Any
 import results  # scripts/results.py, the one renderer of docs/results (run as a script, its folder is on sys.path)
 import torch
 import yaml
+from safetensors.torch import save
 
 from pipeline.atomic import write_json
 from pipeline.cache import TeacherCache, stored_bytes_per_view
 from pipeline.config import DEFAULT_PARAMS, load_config, override, to_dict
 from pipeline.errors import PipelineError
+from pipeline.student import build_student
 from pipeline.teacher import resolve_device, teacher_identity
 from stages import demo_teacher, distill, precompute, probe, supervised
 
@@ -71,6 +73,8 @@ UNITS = {"student_linear_top1": PERCENT + ", linear probe", "student_zeroshot_to
          "teacher_linear_top1": PERCENT + ", linear probe", "teacher_zeroshot_top1": PERCENT + ", zero-shot",
          "supervised_linear_top1": PERCENT + ", linear probe of the supervised reference",
          "bytes_per_view": "B stored per view (pipeline.cache.stored_bytes_per_view)",
+         "student_parameters": "parameters of the student (backbone and head)",
+         "student_weights_mb": "MB of the student's weights as float32 safetensors",
          "teacher_steps": "training steps of the teacher",
          "teacher_minutes": "minutes of teacher training (wall clock)"}
 GROUP = "run by scripts/ablation.py"
@@ -173,6 +177,7 @@ def run_row(name: str, overrides: dict[str, object], params: Path, with_supervis
         "bytes_per_view": round(stored_bytes_per_view(header.num_anchors, header.views_per_image, header.topk,
                                                       header.embed_dim, header.store_embeddings), 1),
     }
+    figures.update(student_size(row_dir / "student.pt"))
     configs = {"precompute": precompute_config, "prompts": precompute_config.prompts, "train": distill_config.train,
                "distill": distill_config, "probe": probe_config}
     if with_supervised:
@@ -192,6 +197,14 @@ def run_row(name: str, overrides: dict[str, object], params: Path, with_supervis
         "commit": code_version(),
         "measured": date.fromtimestamp(result_path.stat().st_mtime).isoformat(),
     }
+
+
+def student_size(checkpoint: Path) -> dict[str, float]:
+    """The student's parameter count and the size of its weights written as safetensors (float32)."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    parameters = sum(p.numel() for p in build_student(saved["model"]).parameters())
+    weights = save({k: v.contiguous() for k, v in saved["state_dict"].items()})  # channels_last -> row-major
+    return {"student_parameters": parameters, "student_weights_mb": round(len(weights) / 1e6, 2)}
 
 
 def percent(fraction: float) -> float:
