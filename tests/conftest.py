@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,6 +16,19 @@ from pipeline.config import load_config, override
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = ROOT / "params.yaml"
+# The most the suite holds on disk at once under its temporary folder (measured: see
+# docs/development.md); a test's folder goes when it passes (pyproject.toml), session fixtures stay.
+DISK_NEEDED_GB = 3.0
+
+
+def pytest_sessionstart(session):
+    """Refuse to start on a disk the suite would fill: a full disk fails hundreds of tests at
+    their fixtures with no word of why (seen on CI), and can hang the multi-process ones."""
+    base = session.config._tmp_path_factory.getbasetemp()
+    free = shutil.disk_usage(base).free / 1e9
+    if free < DISK_NEEDED_GB:
+        pytest.exit(f"the tests need about {DISK_NEEDED_GB:.0f} GB free under {base.parent} and "
+                    f"{free:.1f} GB are; free some space or point --basetemp at a larger disk", returncode=2)
 
 
 def stage_config(stage: str, **changes):
