@@ -23,6 +23,7 @@ from pipeline import config as cfg
 from pipeline.atomic import out_of_space
 from pipeline.distributed import is_main_process
 from pipeline.errors import PipelineError
+from pipeline.preemption import Stopped
 
 # Nested sections whose options keep their own names (distill --epochs, not --train-epochs).
 UNPREFIXED = {"train"}
@@ -292,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
             result = command.main(args=argv, prog_name="python -m pipeline", standalone_mode=False)
     except typer.Exit as done:
         return done.exit_code
+    except Stopped as stop:  # a signal: the stage saved its work and logged where it stopped
+        return stop.exit_code
     except typer.Abort:
         print("error: aborted", file=sys.stderr)
         return 130

@@ -34,6 +34,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from pipeline.atomic import commit, temporary_path
 from pipeline.atomic import write_text as atomic_write_text
 from pipeline.errors import PipelineError
+from pipeline.preemption import ignore_in_worker
 from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -596,6 +597,7 @@ def make_loader(dataset: ShardBatches | MixedBatches, workers: int, pin_memory: 
         pin_memory=pin_memory,
         prefetch_factor=prefetch if workers > 0 else None,
         persistent_workers=persistent and workers > 0,
+        worker_init_fn=ignore_in_worker,  # a stop signal is the main process's to handle
     )
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import distributed, faults, precision
+from pipeline import distributed, faults, precision, preemption
 from pipeline.atomic import OutputLock, atomic_path, write_json
 from pipeline.cache import ShardTargets, TeacherCache, dense_similarities
 from pipeline.config import TrainConfig, to_dict, write_resolved
@@ -307,27 +307,55 @@ class Run:
             stepped = torch.compile(stepped)
         loader = TrainLoader(config, self.cache, self.objective, shards, process, self.device)
         anchors = self.cache.anchors().to(self.device)
-        try:
-            while state.epoch < config.epochs:
-                self.train_one_epoch(stepped, loader, anchors, state)
-                state.epoch += 1
-                state.step_in_epoch, state.epoch_sums = 0, {}
-                if process.main:
-                    state.save(model, self.optimizer, self.scaler)
-                distributed.barrier()
-                faults.kill_after("step", state.global_step)  # test hook: after an epoch's last step and its checkpoint
-        finally:
-            loader.close()
+        with preemption.StopSignals() as signals:
+            vote = preemption.StopVote(signals, self.device)
+            try:
+                while state.epoch < config.epochs:
+                    self.train_one_epoch(stepped, loader, anchors, state, vote)
+                    state.epoch += 1
+                    state.step_in_epoch, state.epoch_sums = 0, {}
+                    if process.main:
+                        state.save(model, self.optimizer, self.scaler)
+                    distributed.barrier()
+                    faults.kill_after("step", state.global_step)  # test hook: after an epoch and its checkpoint
+                    signum = vote.settle()
+                    if signum and state.epoch < config.epochs:
+                        raise self.stopped(signum, state)
+            except preemption.Stopped:
+                distributed.stop()
+                raise
+            finally:
+                loader.close()
         distributed.stop()
         return model.eval(), state.history
 
+    def stopped(self, signum: int, state: RunState) -> preemption.Stopped:
+        """After the checkpoint of a run stopped by a signal: every rank waits for rank 0's
+        checkpoint to be on disk, rank 0 logs the line."""
+        distributed.barrier()
+        if self.process.main:
+            log.warning("stopped by %s at epoch %d, step %d (checkpoint %s); run the same command to resume",
+                        preemption.name(signum), state.epoch + 1, state.step_in_epoch, state.path)
+        return preemption.Stopped(signum)
+
+    def save_within_epoch(self, stepped: torch.nn.Module, state: RunState, sums: dict[str, float],
+                          started: float) -> None:
+        """A checkpoint in the middle of an epoch, with the epoch's sums so far over all ranks."""
+        totals = distributed.sum_across([sums["loss"], sums["score"], sums["images"]], self.device)
+        if self.process.main:
+            state.epoch_sums = {**sums, "loss": totals[0], "score": totals[1], "images": totals[2],
+                                "seconds": sums["seconds"] + time.perf_counter() - started}
+            state.save(model_of(stepped), self.optimizer, self.scaler)
+
     def train_one_epoch(self, stepped: torch.nn.Module, loader: TrainLoader, anchors: torch.Tensor,
-                        state: RunState) -> None:
+                        state: RunState, vote: preemption.StopVote) -> None:
         """One epoch, from `state.step_in_epoch` (a resumed epoch replays its batch order up to it).
 
         The loop never waits for the device except every `sync_every` steps, at checkpoints and
         at the epoch's end: the loss sums stay on the device (float64, as the host summed them)
-        and are read back then, for the progress line and the finite check.
+        and are read back then, for the progress line and the finite check. A stop signal
+        (`vote`) ends the epoch after the step in progress with a checkpoint of it; at the
+        epoch's last step the epoch's own checkpoint serves (`train`).
         """
         config, objective = self.config, self.objective
         stepped.train()
@@ -345,6 +373,7 @@ class Run:
             lr = learning_rate(state.global_step, self.total_steps, self.warmup_steps, config.lr)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            faults.signal_at("step", state.global_step + 1)  # test hook: a signal while this step runs
             terms = train_step(stepped, self.optimizer, objective, batch, anchors, self.device, self.precision,
                                self.scaler)
             running.add(terms["loss"], terms[objective.score_name], len(batch["keys"]))
@@ -361,13 +390,16 @@ class Run:
                                      **{objective.score_name: f"{sums['score'] / sums['images']:.3f}"},
                                      img_s=f"{sums['images'] * self.process.world / elapsed:.0f}")
             if checkpoint:
-                totals = distributed.sum_across([sums["loss"], sums["score"], sums["images"]], self.device)
-                if self.process.main:
-                    state.epoch_sums = {**sums, "loss": totals[0], "score": totals[1], "images": totals[2],
-                                        "seconds": sums["seconds"] + time.perf_counter() - started}
-                    state.save(model_of(stepped), self.optimizer, self.scaler)
+                self.save_within_epoch(stepped, state, sums, started)
             if state.step_in_epoch < self.steps_per_epoch:  # an epoch's last step: after the epoch's checkpoint
                 faults.kill_after("step", state.global_step)  # test hook, see pipeline.faults
+                signum = vote.poll()
+                if signum:
+                    if not checkpoint:
+                        self.save_within_epoch(stepped, state, running.read(state, checked_step, lr), started)
+                    batches.close()
+                    progress.close()
+                    raise self.stopped(signum, state)
         batches.close()
         sums = running.read(state, checked_step, lr)
         progress.close()

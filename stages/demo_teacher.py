@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline import demo_world
+from pipeline import demo_world, faults, preemption
 from pipeline.atomic import atomic_path, write_json
 from pipeline.config import DemoTeacherConfig, TeacherConfig, write_resolved
 from pipeline.errors import PipelineError
@@ -156,42 +156,54 @@ def run(config: DemoTeacherConfig) -> dict[str, Any]:
                            config.crop_ratio, config.caption_noise)
     sampler = range(step * config.batch_size, config.steps * config.batch_size)
     loader = DataLoader(stream, batch_size=config.batch_size, sampler=sampler,
-                        num_workers=usable_workers(config.workers), drop_last=True)
+                        num_workers=usable_workers(config.workers), drop_last=True,
+                        worker_init_fn=preemption.ignore_in_worker)
     model.train()
     progress = Progress(config.steps, "demo-teacher", "step", initial=step)
     started = time.perf_counter() - elapsed
-    for images, tokens, caption_ids in loader:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, config.steps, config.warmup_steps, config.lr)
-        image_embeddings = F.normalize(model.encode_image(normalize_pixels(images, mean, std)), dim=-1)
-        text_embeddings = F.normalize(model.encode_text(tokens), dim=-1)
-        alpha = psd_alpha(config, step)
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)  # the same rows on resume
-        terms = psd_loss(image_embeddings, text_embeddings, model.logit_scale, alpha, config.psd_rho,
-                         generator, caption_ids)
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        step += 1
-        progress.update()
-        progress.set_postfix(loss=f"{terms['loss'].item():.3f}",
-                             scale=f"{model.logit_scale.exp().item():.1f}")
-        evaluate_now = config.eval_every and step % config.eval_every == 0 and step < config.steps
-        if step % 100 == 0 or step == config.steps or evaluate_now:  # an evaluation gets its own step's entry
-            history.append({"step": step, "loss": round(terms["loss"].item(), 4), "alpha": round(alpha, 4)})
-        if evaluate_now or step % 250 == 0:
-            save_weights(model, out)
-            if evaluate_now:
-                accuracy = zero_shot_accuracy(evaluation_teacher(config), config)
-                history[-1].update(plain=accuracy["plain"], cpa=accuracy["cpa"])
-                log.info("step %d: zero-shot plain %.3f, cpa %.3f", step, accuracy["plain"],
-                         accuracy["cpa"])
-                model.train()
-            save_checkpoint(resume_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                          "step": step, "elapsed": time.perf_counter() - started,
-                                          "history": json.dumps(history)})
+
+    def resume_state() -> dict[str, Any]:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "elapsed": time.perf_counter() - started, "history": json.dumps(history)}
+
+    with preemption.StopSignals() as signals:  # a stop signal: a checkpoint after the step in progress
+        for images, tokens, caption_ids in loader:
+            faults.signal_at("step", step + 1)  # test hook: a signal while this step runs
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, config.steps, config.warmup_steps, config.lr)
+            image_embeddings = F.normalize(model.encode_image(normalize_pixels(images, mean, std)), dim=-1)
+            text_embeddings = F.normalize(model.encode_text(tokens), dim=-1)
+            alpha = psd_alpha(config, step)
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)  # the same rows on resume
+            terms = psd_loss(image_embeddings, text_embeddings, model.logit_scale, alpha, config.psd_rho,
+                             generator, caption_ids)
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            optimizer.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            step += 1
+            progress.update()
+            progress.set_postfix(loss=f"{terms['loss'].item():.3f}",
+                                 scale=f"{model.logit_scale.exp().item():.1f}")
+            evaluate_now = config.eval_every and step % config.eval_every == 0 and step < config.steps
+            if step % 100 == 0 or step == config.steps or evaluate_now:  # an evaluation gets its own step's entry
+                history.append({"step": step, "loss": round(terms["loss"].item(), 4), "alpha": round(alpha, 4)})
+            if evaluate_now or step % 250 == 0:
+                save_weights(model, out)
+                if evaluate_now:
+                    accuracy = zero_shot_accuracy(evaluation_teacher(config), config)
+                    history[-1].update(plain=accuracy["plain"], cpa=accuracy["cpa"])
+                    log.info("step %d: zero-shot plain %.3f, cpa %.3f", step, accuracy["plain"],
+                             accuracy["cpa"])
+                    model.train()
+                save_checkpoint(resume_path, resume_state())
+            if signals.received and step < config.steps:
+                save_checkpoint(resume_path, resume_state())
+                progress.close()
+                log.warning("stopped by %s at step %d of %d (checkpoint %s); run the same command to resume",
+                            preemption.name(signals.received), step, config.steps, resume_path)
+                raise preemption.Stopped(signals.received)
     progress.close()
     seconds = time.perf_counter() - started
     save_weights(model, out)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import cache, distributed, faults, precision
+from pipeline import cache, distributed, faults, precision, preemption
 from pipeline.atomic import OutputLock, write_json
 from pipeline.config import PrecomputeConfig, write_resolved
 from pipeline.errors import PipelineError
@@ -318,7 +318,10 @@ def encode_shards(
 ) -> int:
     """Run the teacher over the views of the shards in `todo`, a part per shard (`PartWriter`).
 
-    Returns the images encoded, once every part is on disk.
+    Returns the images encoded, once every part is on disk. A stop signal (`pipeline.preemption`)
+    ends the loop after the batch in progress: the parts of finished shards are written, the
+    shard in progress is dropped (a part holds a whole shard, never part of one), and `Stopped`
+    is raised for the CLI's exit code; the same command encodes the rest.
     """
     if not todo:
         return 0
@@ -327,10 +330,12 @@ def encode_shards(
     anchors_t = anchors.to(teacher.device).T
     buffers: dict[int, dict[str, list]] = {}
     progress = Progress(sample_count([shards[s] for s in todo]), "precompute", "img")
-    images = 0
-    with PartWriter(out, header) as writer:
-        for batch in iterate_batches(dataset, config.workers, pin_memory=teacher.device.type == "cuda",
-                                     prefetch=PREFETCH):
+    images, finished = 0, 0
+    with preemption.StopSignals() as signals, PartWriter(out, header) as writer:
+        batches = iterate_batches(dataset, config.workers, pin_memory=teacher.device.type == "cuda",
+                                  prefetch=PREFETCH)
+        for number, batch in enumerate(batches, 1):
+            faults.signal_at("batch", number)  # test hook: a signal while this batch is encoded
             buffer = buffers.setdefault(batch["shard"], {k: [] for k in
                                                          ("keys", "positions", "labels", "params",
                                                           "similarities", "embeddings", "corrupt")})
@@ -339,8 +344,20 @@ def encode_shards(
             progress.update(n)
             if batch["last"]:
                 writer.submit(batch["shard"], buffers.pop(batch["shard"]))
+                finished += 1
+            if signals.received:
+                batches.close()  # stops the DataLoader workers
+                break
         writer.finish()  # before the ranks meet and the join reads the parts
     progress.close()
+    if signals.received:
+        process = distributed.this_process()
+        rank = f"rank {process.rank}: " if process.distributed else ""
+        dropped = f", the shard in progress dropped ({sum(len(b['keys']) for b in buffers.values())} images)" \
+            if buffers else ""
+        log.warning("%sstopped by %s after %d of %d shards of this run%s; run the same command to resume", rank,
+                    preemption.name(signals.received), finished, len(todo), dropped)
+        raise preemption.Stopped(signals.received)
     return images
 
 

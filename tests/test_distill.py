@@ -117,8 +117,8 @@ def test_a_few_epochs_lower_the_loss_and_raise_agreement(demo_shards, demo_cache
     assert torch.allclose(features["student"].norm(dim=-1), torch.ones(48), atol=1e-5)
 
 
-def test_runs_killed_mid_epoch_and_at_an_epoch_end_resume_to_the_same_weights(demo_shards, demo_cache,
-                                                                               tiny_teacher, tmp_path):
+def test_runs_killed_or_signalled_mid_epoch_and_at_an_epoch_end_resume_to_the_same_weights(
+        demo_shards, demo_cache, tiny_teacher, tmp_path):
     config, weights = tiny_teacher
     args = [sys.executable, "-m", "pipeline", "distill", "--shards", str(demo_shards), "--cache", str(demo_cache),
             "--image-size", "32", "--batch-size", "16", "--epochs", "2", "--workers", "1",
@@ -155,17 +155,35 @@ def test_runs_killed_mid_epoch_and_at_an_epoch_end_resume_to_the_same_weights(de
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming distill at epoch 2, step 0" in resumed.stderr and "taking over a stale lock" in resumed.stderr
     assert not lock.exists()
+
+    # SIGTERM while step 3 runs (pipeline.preemption): the step is finished and saved, a checkpoint
+    # newer than the periodic one of step 2; one line, exit code 128 + 15, the lock released.
+    signalled = run("signalled", "sigterm-at-step:3")
+    assert signalled.returncode == 128 + signal.SIGTERM, signalled.stderr[-2000:]
+    checkpoint = tmp_path / "signalled" / "run" / "last.pt"
+    stops = [line for line in signalled.stderr.splitlines() if "stopped by" in line]
+    assert stops == [f"WARNING pipeline.training: stopped by SIGTERM at epoch 1, step 3 (checkpoint {checkpoint}); "
+                     f"run the same command to resume"]
+    state = torch.load(checkpoint, weights_only=True)
+    assert (state["global_step"], state["epoch"], state["step_in_epoch"]) == (3, 0, 3)
+    assert not (tmp_path / "signalled" / "run.lock").exists()
+    assert not (tmp_path / "signalled" / "student.pt").exists()
+    resumed = run("signalled")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming distill at epoch 1, step 3" in resumed.stderr
+
     clean = run("clean")
     assert clean.returncode == 0, clean.stderr
-    a = torch.load(tmp_path / "killed" / "student.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "clean" / "student.pt", weights_only=True)["state_dict"]
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    for interrupted in ("killed", "signalled"):
+        a = torch.load(tmp_path / interrupted / "student.pt", weights_only=True)["state_dict"]
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), (interrupted, name)
     # every epoch's loss, agreement and lr, the interrupted epoch's sums carried over in last.pt
     rows = {name: [r.split(",")[:4] for r in (tmp_path / name / "p.csv").read_text().splitlines()]
-            for name in ("killed", "clean")}
-    assert len(rows["clean"]) == 3 and rows["killed"] == rows["clean"]
+            for name in ("killed", "signalled", "clean")}
+    assert len(rows["clean"]) == 3 and rows["killed"] == rows["clean"] and rows["signalled"] == rows["clean"]
 
 
 def test_mismatched_caches_are_refused(demo_shards, demo_cache, tiny_teacher, tmp_path):

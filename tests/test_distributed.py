@@ -83,7 +83,8 @@ def test_two_process_distill_learns_and_writes_a_loadable_student(demo_shards, d
     assert torch.allclose(embeddings.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
-def test_killed_two_process_distill_resumes_to_the_same_weights(demo_shards, demo_cache, tiny_teacher, tmp_path):
+def test_killed_or_signalled_two_process_distill_resumes_to_the_same_weights(demo_shards, demo_cache, tiny_teacher,
+                                                                            tmp_path):
     killed = distill_args(demo_shards, demo_cache, tiny_teacher, tmp_path / "killed", checkpoint_every=2)
     checkpoint = tmp_path / "killed" / "run" / "last.pt"
     # 2 epochs x 6 steps of 8 x 2 images; killed right after step 4, mid-epoch, and its checkpoint
@@ -95,17 +96,37 @@ def test_killed_two_process_distill_resumes_to_the_same_weights(demo_shards, dem
     resumed = run(killed)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming distill at epoch 1, step 4" in resumed.stderr
+
+    # SIGTERM to rank 1 only, while step 2 runs: rank 1 votes at step 2, both ranks read the vote at
+    # step 3 and stop after it; rank 0 writes step 3 (newer than the periodic checkpoint of step 2),
+    # both exit with 128 + 15 and no rank waits in a collective.
+    signalled = distill_args(demo_shards, demo_cache, tiny_teacher, tmp_path / "signalled", checkpoint_every=2)
+    checkpoint = tmp_path / "signalled" / "run" / "last.pt"
+    stopped = run(signalled, fault="sigterm-at-step:2")
+    assert stopped.returncode != 0, stopped.stderr[-3000:]
+    assert stopped.stderr.count("sigterm-at-step:2: sending SIGTERM") == 1, stopped.stderr[-3000:]
+    assert stopped.stderr.count(f"stopped by SIGTERM at epoch 1, step 3 (checkpoint {checkpoint}); run the same "
+                                f"command to resume") == 1, stopped.stderr[-3000:]
+    assert stopped.stderr.count("exitcode  : 143") == 2, stopped.stderr[-3000:]  # torchrun's report of each rank
+    state = torch.load(checkpoint, weights_only=True)
+    assert (state["global_step"], state["epoch"], state["step_in_epoch"]) == (3, 0, 3)
+    resumed = run(signalled)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming distill at epoch 1, step 3" in resumed.stderr
+
     clean = run(distill_args(demo_shards, demo_cache, tiny_teacher, tmp_path / "clean", checkpoint_every=2))
     assert clean.returncode == 0, clean.stderr
-    a = torch.load(tmp_path / "killed" / "student.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "clean" / "student.pt", weights_only=True)["state_dict"]
-    for name in a:
-        assert torch.allclose(a[name].float(), b[name].float(), atol=1e-6), name
+    for interrupted in ("killed", "signalled"):
+        a = torch.load(tmp_path / interrupted / "student.pt", weights_only=True)["state_dict"]
+        for name in a:
+            assert torch.allclose(a[name].float(), b[name].float(), atol=1e-6), (interrupted, name)
     # the interrupted epoch's loss: rank 0's checkpoint carried both processes' sums
     rows = {name: [r.split(",")[:4] for r in (tmp_path / name / "distill.csv").read_text().splitlines()[1:]]
-            for name in ("killed", "clean")}
-    for killed_row, clean_row in zip(rows["killed"], rows["clean"], strict=True):
-        assert [float(v) for v in killed_row] == pytest.approx([float(v) for v in clean_row], abs=2e-6)
+            for name in ("killed", "signalled", "clean")}
+    for interrupted in ("killed", "signalled"):
+        for row, clean_row in zip(rows[interrupted], rows["clean"], strict=True):
+            assert [float(v) for v in row] == pytest.approx([float(v) for v in clean_row], abs=2e-6), interrupted
 
 
 @pytest.fixture(scope="module")

@@ -231,12 +231,16 @@ def test_a_distill_on_a_run_dir_in_use_is_refused(demo_shards, tiny_teacher, tmp
     assert not (tmp_path / "run").exists()
 
 
-def test_the_fault_hook_reads_its_two_points_and_refuses_anything_else():
+def test_the_fault_hook_reads_its_points_and_refuses_anything_else():
     assert faults.parse("kill-after-step:7") == faults.Fault("step", 7)
     assert faults.parse("kill-after-shard:12") == faults.Fault("shard", 12)
-    for value in ("kill-after-epoch:1", "kill-after-step:0", "kill-after-step", "kill-after-step:3 ", "1"):
+    assert faults.parse("sigterm-at-step:3") == faults.Fault("step", 3, "sigterm-at")
+    assert faults.parse("sigterm-at-batch:2") == faults.Fault("batch", 2, "sigterm-at")
+    for value in ("kill-after-epoch:1", "kill-after-step:0", "kill-after-step", "kill-after-step:3 ", "1",
+                  "sigterm-at-shard:1", "kill-after-batch:1"):
         with pytest.raises(PipelineError, match=rf"^environment CSM_DISTILL_FAULT='{value}': expected "
-                                                r"kill-after-step:N or kill-after-shard:N with N >= 1"):
+                                                r"kill-after-step:N, kill-after-shard:N, sigterm-at-step:N or "
+                                                r"sigterm-at-batch:N with N >= 1"):
             faults.parse(value)
 
 
@@ -245,9 +249,9 @@ def test_the_cli_refuses_a_wrong_fault_hook_value_before_any_work(demo_shards, t
     result = subprocess.run(precompute_cli(demo_shards, out, tiny_teacher, views=4), cwd=ROOT, capture_output=True,
                             text=True, timeout=120, env={**os.environ, "CSM_DISTILL_FAULT": "kill-after-shards:1"})
     line = error_line(result)
-    assert line == ("error: environment CSM_DISTILL_FAULT='kill-after-shards:1': expected kill-after-step:N or "
-                    "kill-after-shard:N with N >= 1 (a test hook that kills the process, see pipeline/faults.py); "
-                    "unset it for a normal run")
+    assert line == ("error: environment CSM_DISTILL_FAULT='kill-after-shards:1': expected kill-after-step:N, "
+                    "kill-after-shard:N, sigterm-at-step:N or sigterm-at-batch:N with N >= 1 (a test hook, see "
+                    "pipeline/faults.py); unset it for a normal run")
     assert not out.parent.exists()
 
 

@@ -178,14 +178,18 @@ def test_inspect_summary(full_cache):
     assert info["teacher_label_agreement"] == pytest.approx((argmax_class == labels).mean())
 
 
-def test_resume_after_kill_gives_the_same_file(tmp_path, tiny_teacher):
+def test_resume_after_kill_or_signal_gives_the_same_file(tmp_path, tiny_teacher):
     shards = make_demo_shards(tmp_path / "shards", train=96, val=4, max_per_shard=8)  # 12 shards
     config, weights = tiny_teacher
     out = tmp_path / "killed" / "teacher.h5"
     args = [sys.executable, "-m", "pipeline", "precompute", "--shards", str(shards), "--out", str(out),
             "--metrics", str(tmp_path / "m.json"), "--teacher-config", str(config),
             "--teacher-checkpoint", str(weights), "--workers", "1", "--views", "8",
-            "--batch-size", "64"]
+            "--batch-size", "32"]  # 4 images a batch: two batches a shard
+
+    def at(directory: str) -> list[str]:
+        return [a if a != str(out) else str(tmp_path / directory / "teacher.h5") for a in args]
+
     # the process kills itself right after its third part file (pipeline.faults)
     killed = run_with_fault(args, "kill-after-shard:3", tmp_path / "killed.log")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -202,10 +206,24 @@ def test_resume_after_kill_gives_the_same_file(tmp_path, tiny_teacher):
     assert json.loads((tmp_path / "m.json").read_text())["images_this_run"] == 96 - 3 * 8
     assert len(list(parts.glob("part-*.h5"))) == 12  # the parts are the storage of the views
 
+    # SIGTERM while batch 5 is encoded, the first half of shard 2: shards 0 and 1 are written, shard 2
+    # is dropped (no part of it), one line, exit code 128 + 15, the lock released
+    signalled = run_with_fault(at("signalled"), "sigterm-at-batch:5", tmp_path / "signalled.log")
+    assert signalled.returncode == 128 + signal.SIGTERM, signalled.stderr[-2000:]
+    assert [line for line in signalled.stderr.splitlines() if "stopped by" in line] == [
+        "WARNING stages.precompute: stopped by SIGTERM after 2 of 12 shards of this run, the shard in progress "
+        "dropped (4 images); run the same command to resume"]
+    signalled_parts = tmp_path / "signalled" / "teacher.h5.parts"
+    assert sorted(p.name for p in signalled_parts.iterdir()) == ["part-000000.h5", "part-000001.h5", "state.json"]
+    assert not (tmp_path / "signalled" / "teacher.h5.lock").exists()
+    resumed = subprocess.run(at("signalled"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "2 of 12 shards already done" in resumed.stderr
+
     uninterrupted = tmp_path / "clean" / "teacher.h5"
-    clean_args = [a if a != str(out) else str(uninterrupted) for a in args]
-    assert subprocess.run(clean_args, cwd=ROOT, capture_output=True, timeout=300).returncode == 0
+    assert subprocess.run(at("clean"), cwd=ROOT, capture_output=True, timeout=300).returncode == 0
     assert_same_file(out, uninterrupted)
+    assert_same_file(tmp_path / "signalled" / "teacher.h5", uninterrupted)
 
 
 def test_bytes_per_view_formula_matches_the_file(full_cache, demo_shards, tiny_teacher, tmp_path):
