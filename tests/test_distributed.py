@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -158,3 +160,29 @@ def test_a_collective_waits_its_timeout_then_fails_instead_of_hanging(tmp_path):
     assert result.returncode != 0
     seconds = int(result.stdout.split("gave up after ")[1].split(" s")[0])
     assert 2 <= seconds <= 20, result.stdout
+
+
+def test_torchrun_passes_a_sigusr1_to_its_workers_which_stop_together_with_a_checkpoint(demo_shards, demo_cache,
+                                                                                        tiny_teacher, tmp_path):
+    """The SLURM route of docs/faults.md: the signal reaches torchrun, which passes it on to every
+    worker (`--signals-to-handle`) and gives them `--shutdown-timeout` seconds before SIGKILL."""
+    args = distill_args(demo_shards, demo_cache, tiny_teacher, tmp_path / "run", epochs=40, checkpoint_every=2)
+    checkpoint = tmp_path / "run" / "run" / "last.pt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "--signals-to-handle", "SIGTERM,SIGINT,SIGUSR1", "--shutdown-timeout", "120", "-m", "pipeline", *args]
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as stderr:
+        job = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + 300
+        while not checkpoint.exists() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # training has begun: the periodic checkpoint of step 2 is there
+        job.send_signal(signal.SIGUSR1)
+        code = job.wait(timeout=300)
+    output = log.read_text()
+    assert code != 0, output[-3000:]
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["global_step"] > 2 and state["epoch"] < 40, output[-3000:]  # stopped, at a step after the signal
+    line = (f"stopped by SIGUSR1 at epoch {state['epoch'] + 1}, step {state['step_in_epoch']} (checkpoint "
+            f"{checkpoint}); run the same command to resume")
+    assert output.count(line) == 1, output[-3000:]
+    assert not (tmp_path / "run" / "student.pt").exists()
