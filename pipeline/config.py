@@ -102,6 +102,8 @@ class ShardsConfig:
     image_size: int = opt("demo source: image side in pixels", low=8)
     caption_noise: float = opt("demo source: share of train captions replaced by another image's caption "
                                "(web-like noise, seeded)", high=1)
+    world: str = opt("demo source: easy (the demo: a near-certain teacher) or hard (twin colours and shapes, "
+                     "distractors, partial captions: a teacher as unsure as a real CLIP)", choices=("easy", "hard"))
     workers: int = opt("processes that render/encode images")
 
 

@@ -16,13 +16,27 @@ a CPA prompt with the sense ("a photo of a crane, a kind of bird.") can.
 
 Image `i` of a split depends only on (seed, split, i): generation can be split across
 processes and the same seed always gives the same bytes.
+
+Two worlds share this generator (`WORLDS`, the shards option `--world`):
+
+- **easy** (the default, `make demo`): the above. Its classes differ in colour and shape by
+  wide margins, so a small teacher becomes near-certain (99% zero-shot).
+- **hard**: a teacher as unsure as a real CLIP, for the studies that need one. 8 colours x 8
+  shapes = 64 classes that share structure the way ImageNet's do: every colour has a twin
+  close to it (red and scarlet, orange and amber, green and teal, blue and violet) and six of the
+  shapes have one (circle and octagon, square and pentagon, star and six-point star), so a
+  class has up to three near neighbours, its fine-grained variants. Half the images hold a
+  distractor, a smaller object of another class (the label is the larger object), which
+  captions mention some of the time; a share of captions is partial (names only the colour or
+  only the shape). The errors a teacher makes here are structured: mostly a twin of the true
+  class (`twin_classes`), which probe's confusion summary shows.
 """
 
 from __future__ import annotations
 
 import io
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -69,14 +83,76 @@ HOMONYMS: dict[str, tuple[tuple[str, str, str], tuple[str, str, str]]] = {
     "bow": (("purple", "crescent", "ribbon"), ("orange", "cross", "weapon")),
 }
 CONTEXT_RATE = 0.5  # share of a homonym class's captions that state its sense
-HOMONYM_OF: dict[tuple[str, str], tuple[str, str]] = {
-    (colour, shape): (name, sense)
-    for name, pair in HOMONYMS.items()
-    for colour, shape, sense in pair
-}
 
 SIZE_WORDS = {"small": ("small", "little", "tiny"), "medium": ("medium", "mid-sized"),
               "large": ("large", "big")}
+
+# The hard world (see the module's text). Twins: colours a jitter apart, shapes a few pixels apart.
+HARD_COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 35),
+    "scarlet": (235, 62, 28),
+    "orange": (245, 135, 20),
+    "amber": (245, 168, 22),
+    "green": (40, 175, 60),
+    "teal": (28, 160, 110),
+    "blue": (35, 80, 225),
+    "violet": (82, 62, 222),
+}
+HARD_SHAPES: tuple[str, ...] = (
+    "circle", "octagon", "square", "pentagon", "star", "six-point star", "heart", "cross",
+)
+HARD_TWINS: tuple[tuple[str, str], ...] = (
+    ("red", "scarlet"), ("orange", "amber"), ("green", "teal"), ("blue", "violet"),
+    ("circle", "octagon"), ("square", "pentagon"), ("star", "six-point star"),
+)
+HARD_HOMONYMS: dict[str, tuple[tuple[str, str, str], tuple[str, str, str]]] = {
+    "crane": (("red", "star", "bird"), ("teal", "cross", "machine")),
+    "bat": (("orange", "heart", "mammal"), ("violet", "square", "club")),
+    "mouse": (("amber", "circle", "rodent"), ("blue", "six-point star", "gadget")),
+    "bass": (("green", "pentagon", "fish"), ("scarlet", "octagon", "guitar")),
+}
+
+
+@dataclass(frozen=True)
+class World:
+    """What a world's images and captions are made of (`EASY`, `HARD`)."""
+
+    name: str
+    colours: dict[str, tuple[int, int, int]]
+    shapes: tuple[str, ...]
+    homonyms: dict[str, tuple[tuple[str, str, str], tuple[str, str, str]]]
+    twins: tuple[tuple[str, str], ...] = ()  # colours or shapes that are near neighbours
+    distractor_rate: float = 0.0  # share of images with a second, smaller object of another class
+    distractor_caption_rate: float = 0.0  # share of those whose caption mentions it
+    partial_rate: float = 0.0  # share of captions naming only the colour or only the shape
+
+    def homonym_of(self, colour: str, shape: str) -> tuple[str, str] | None:
+        """(name, sense) of a homonym class, None for the others."""
+        for name, pair in self.homonyms.items():
+            for c, s, sense in pair:
+                if (c, s) == (colour, shape):
+                    return name, sense
+        return None
+
+    def twin(self, attribute: str) -> str | None:
+        for a, b in self.twins:
+            if attribute in (a, b):
+                return b if attribute == a else a
+        return None
+
+
+EASY = World("easy", COLOURS, SHAPES, HOMONYMS)
+HARD = World("hard", HARD_COLOURS, HARD_SHAPES, HARD_HOMONYMS, HARD_TWINS, distractor_rate=0.5,
+             distractor_caption_rate=0.5, partial_rate=0.25)
+WORLDS: dict[str, World] = {"easy": EASY, "hard": HARD}
+
+
+def world_named(name: str) -> World:
+    try:
+        return WORLDS[name]
+    except KeyError:
+        raise ValueError(f"no demo world {name!r}: one of {', '.join(WORLDS)}") from None
+
 
 
 @dataclass(frozen=True)
@@ -84,31 +160,48 @@ class DemoClass:
     index: int
     colour: str
     shape: str
+    world: str = "easy"
 
     @property
     def name(self) -> str:
         """What captions and plain prompts call the class: "red star", or a homonym ("crane")."""
-        homonym = HOMONYM_OF.get((self.colour, self.shape))
+        homonym = WORLDS[self.world].homonym_of(self.colour, self.shape)
         return homonym[0] if homonym else f"{self.colour} {self.shape}"
 
     @property
     def sense(self) -> str:
         """The disambiguating context of a homonym class ("bird"), "" for the others."""
-        homonym = HOMONYM_OF.get((self.colour, self.shape))
+        homonym = WORLDS[self.world].homonym_of(self.colour, self.shape)
         return homonym[1] if homonym else ""
 
     @property
     def id(self) -> str:
-        return f"{self.colour}_{self.shape}"
+        return f"{self.colour}_{self.shape.replace(' ', '_').replace('-', '_')}"
 
 
-def demo_classes() -> list[DemoClass]:
-    """All classes in index order (colour-major)."""
+def demo_classes(world: World = EASY) -> list[DemoClass]:
+    """All classes of `world` in index order (colour-major)."""
     return [
-        DemoClass(c * len(SHAPES) + s, colour, shape)
-        for c, colour in enumerate(COLOURS)
-        for s, shape in enumerate(SHAPES)
+        DemoClass(c * len(world.shapes) + s, colour, shape, world.name)
+        for c, colour in enumerate(world.colours)
+        for s, shape in enumerate(world.shapes)
     ]
+
+
+def twin_classes(world: World) -> dict[int, list[int]]:
+    """Each class's near neighbours: the classes that differ from it by one twin attribute
+    (its colour's twin with its shape, or its shape's twin with its colour). Empty lists in the
+    easy world, which has no twins."""
+    index = {(c.colour, c.shape): c.index for c in demo_classes(world)}
+    neighbours: dict[int, list[int]] = {}
+    for c in demo_classes(world):
+        near = []
+        if (colour := world.twin(c.colour)) is not None:
+            near.append(index[(colour, c.shape)])
+        if (shape := world.twin(c.shape)) is not None:
+            near.append(index[(c.colour, shape)])
+        neighbours[c.index] = sorted(near)
+    return neighbours
 
 
 def demo_contexts(cls: DemoClass) -> tuple[str, ...]:
@@ -136,6 +229,21 @@ class DemoAttributes:
     tone: str
     noise: float  # pixel noise standard deviation, 0-255 scale
     caption: str
+    # hard world: a smaller second object of another class ("" colour: none)
+    distractor_colour: str = ""
+    distractor_shape: str = ""
+    distractor_radius: float = 0.0
+    distractor_cx: float = 0.0
+    distractor_cy: float = 0.0
+    distractor_rotation: float = 0.0
+
+    def record(self) -> dict:
+        """The attributes as a shard sample stores them (`json`): without the distractor's keys
+        when there is none, so an easy-world sample is what it always was."""
+        fields = asdict(self)
+        if not self.distractor_colour:
+            fields = {k: v for k, v in fields.items() if not k.startswith("distractor_")}
+        return fields
 
 
 def position_words(cx: float, cy: float) -> tuple[str, str]:
@@ -154,18 +262,23 @@ def position_phrase(row: str, column: str, rng: np.random.Generator) -> str:
     return str(rng.choice([f"in the {row} {column}", f"in the {row} {column} corner"]))
 
 
-def caption_for(a: DemoAttributes, rng: np.random.Generator) -> str:
+def caption_for(a: DemoAttributes, rng: np.random.Generator, world: World = EASY) -> str:
     """A caption that states the attributes, in one of several phrasings.
 
     The class is always named (colour and shape, or its homonym, with its sense in
     `CONTEXT_RATE` of a homonym's captions); size, position and background come and go, so
-    the teacher learns that the class words matter whatever else is said.
+    the teacher learns that the class words matter whatever else is said. In the hard world a
+    share of captions names only the colour or only the shape (`World.partial_rate`), and some
+    mention the distractor.
     """
     size = str(rng.choice(SIZE_WORDS[a.size]))
     where = position_phrase(*position_words(a.cx, a.cy), rng)
     background = f"{a.tone} {a.background} background"
-    homonym = HOMONYM_OF.get((a.colour, a.shape))
-    if homonym:
+    homonym = world.homonym_of(a.colour, a.shape)
+    if world.partial_rate and rng.random() < world.partial_rate:
+        name = a.shape if rng.random() < 0.5 else f"{a.colour} object"
+        homonym = None
+    elif homonym:
         name, sense = homonym
         if rng.random() < CONTEXT_RATE:
             name = f"{name}, a kind of {sense},"
@@ -183,14 +296,16 @@ def caption_for(a: DemoAttributes, rng: np.random.Generator) -> str:
         f"a {name}",
         f"a photo of a {name}.",
     ]
-    if not homonym:
+    if not homonym and world is EASY:
         phrasings.append(f"{size} {a.shape}, colour {a.colour}, {where}")
     caption = phrasings[int(rng.integers(len(phrasings)))]
+    if a.distractor_colour and rng.random() < world.distractor_caption_rate:
+        caption = f"{caption.rstrip('.')}, and a smaller {a.distractor_colour} {a.distractor_shape}"
     return " ".join(caption.replace(",,", ",").replace(",.", ".").rstrip(",").split())
 
 
-def sample_attributes(label: int, rng: np.random.Generator) -> DemoAttributes:
-    classes = demo_classes()
+def sample_attributes(label: int, rng: np.random.Generator, world: World = EASY) -> DemoAttributes:
+    classes = demo_classes(world)
     cls = classes[label]
     size = str(rng.choice(list(SIZES)))
     radius = float(rng.uniform(*SIZES[size]))
@@ -210,7 +325,23 @@ def sample_attributes(label: int, rng: np.random.Generator) -> DemoAttributes:
         noise=float(rng.uniform(0, 14)),
         caption="",
     )
-    return DemoAttributes(**{**asdict(attributes), "caption": caption_for(attributes, rng)})
+    if world.distractor_rate and rng.random() < world.distractor_rate:
+        attributes = with_distractor(attributes, classes, rng)
+    return replace(attributes, caption=caption_for(attributes, rng, world))
+
+
+def with_distractor(a: DemoAttributes, classes: list[DemoClass], rng: np.random.Generator) -> DemoAttributes:
+    """`a` with a second object of another class, 45-70% of its size, placed where it overlaps
+    the main object little (the last of 20 tries if none is clear)."""
+    other = classes[(a.label + 1 + int(rng.integers(len(classes) - 1))) % len(classes)]
+    radius = a.radius * float(rng.uniform(0.45, 0.7))
+    margin = radius * 0.9
+    for _ in range(20):
+        cx, cy = (float(v) for v in rng.uniform(margin, 1 - margin, size=2))
+        if math.hypot(cx - a.cx, cy - a.cy) >= (a.radius + radius) * 0.9:
+            break
+    return replace(a, distractor_colour=other.colour, distractor_shape=other.shape, distractor_radius=radius,
+                   distractor_cx=cx, distractor_cy=cy, distractor_rotation=float(rng.uniform(0, 360)))
 
 
 def shape_polygon(shape: str, cx: float, cy: float, r: float, rotation: float) -> list:
@@ -225,6 +356,15 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float, rotation: float) -
             ((1.0 if k % 2 == 0 else 0.45) * math.cos(a), (1.0 if k % 2 == 0 else 0.45) * math.sin(a))
             for k, a in enumerate(np.radians(np.arange(10) * 36 - 90))
         ]
+    elif shape == "six-point star":
+        points = [
+            ((1.0 if k % 2 == 0 else 0.5) * math.cos(a), (1.0 if k % 2 == 0 else 0.5) * math.sin(a))
+            for k, a in enumerate(np.radians(np.arange(12) * 30 - 90))
+        ]
+    elif shape == "octagon":
+        points = [(math.cos(a), math.sin(a)) for a in np.radians(np.arange(8) * 45 + 22.5)]
+    elif shape == "pentagon":
+        points = [(math.cos(a), math.sin(a)) for a in np.radians(np.arange(5) * 72 - 90)]
     elif shape == "cross":
         w = 0.34
         points = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1),
@@ -293,16 +433,26 @@ def background(a: DemoAttributes, side: int, rng: np.random.Generator) -> np.nda
     return base
 
 
-def render(a: DemoAttributes, side: int, rng: np.random.Generator) -> np.ndarray:
-    """The image of `a` as (side, side, 3) uint8."""
-    canvas = background(a, side, rng)
-    colour = np.asarray(COLOURS[a.colour], dtype=np.float32)
+def paint(canvas: np.ndarray, a: DemoAttributes, rgb: tuple[int, int, int], side: int,
+          rng: np.random.Generator) -> np.ndarray:
+    """`canvas` with the shape of `a` painted over it in `rgb`, jittered and softly shaded."""
+    colour = np.asarray(rgb, dtype=np.float32)
     colour = np.clip(colour * rng.uniform(0.82, 1.1) + rng.normal(0, 10, size=3), 0, 255)
     mask = shape_mask(a, side)[..., None]
     # Soft shading across the shape so it is not a flat fill.
     yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
     shade = 1.0 + 0.12 * ((xx - a.cx) * rng.uniform(-1, 1) + (yy - a.cy) * rng.uniform(-1, 1))
-    canvas = canvas * (1 - mask) + (colour * shade[..., None]) * mask
+    return canvas * (1 - mask) + (colour * shade[..., None]) * mask
+
+
+def render(a: DemoAttributes, side: int, rng: np.random.Generator, world: World = EASY) -> np.ndarray:
+    """The image of `a` as (side, side, 3) uint8: the distractor, if any, under the main object."""
+    canvas = background(a, side, rng)
+    if a.distractor_colour:
+        distractor = replace(a, shape=a.distractor_shape, radius=a.distractor_radius, cx=a.distractor_cx,
+                             cy=a.distractor_cy, rotation=a.distractor_rotation)
+        canvas = paint(canvas, distractor, world.colours[a.distractor_colour], side, rng)
+    canvas = paint(canvas, a, world.colours[a.colour], side, rng)
     canvas += rng.normal(0, a.noise, size=canvas.shape).astype(np.float32)
     return np.clip(canvas, 0, 255).astype(np.uint8)
 
@@ -318,24 +468,26 @@ def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLIT_CODES[split], index])
 
 
-def make_image(seed: int, split: str, index: int, side: int = 64) -> tuple[np.ndarray, DemoAttributes]:
+def make_image(seed: int, split: str, index: int, side: int = 64,
+               world: World = EASY) -> tuple[np.ndarray, DemoAttributes]:
     """Image `index` of `split` as (side, side, 3) uint8 pixels, with its attributes."""
     rng = sample_rng(seed, split, index)
-    label = int(rng.integers(len(demo_classes())))
-    attributes = sample_attributes(label, rng)
-    return render(attributes, side, rng), attributes
+    label = int(rng.integers(len(demo_classes(world))))
+    attributes = sample_attributes(label, rng, world)
+    return render(attributes, side, rng, world), attributes
 
 
 NOISE_CODE = 77  # keeps the caption-noise draws apart from the image's own random stream
 
 
-def caption_of(seed: int, split: str, index: int) -> str:
+def caption_of(seed: int, split: str, index: int, world: World = EASY) -> str:
     """The caption image `index` of `split` states (without rendering the image)."""
     rng = sample_rng(seed, split, index)
-    return sample_attributes(int(rng.integers(len(demo_classes()))), rng).caption
+    return sample_attributes(int(rng.integers(len(demo_classes(world)))), rng, world).caption
 
 
-def noisy_caption(seed: int, split: str, index: int, count: int, noise: float, caption: str) -> str:
+def noisy_caption(seed: int, split: str, index: int, count: int, noise: float, caption: str,
+                  world: World = EASY) -> str:
     """Web-like caption noise: with probability `noise` (a seeded draw per image), the caption
     of another image of the split (one of `count`) replaces the image's own `caption`."""
     if noise <= 0 or count < 2:
@@ -344,17 +496,17 @@ def noisy_caption(seed: int, split: str, index: int, count: int, noise: float, c
     if rng.random() >= noise:
         return caption
     other = int(rng.integers(count - 1))
-    return caption_of(seed, split, other + (other >= index))
+    return caption_of(seed, split, other + (other >= index), world)
 
 
 def make_sample(seed: int, split: str, index: int, side: int = 64, caption_noise: float = 0.0,
-                count: int = 0) -> DemoSample:
+                count: int = 0, world: World = EASY) -> DemoSample:
     """Image `index` of `split` (one of `count`) as a shard sample: key, JPEG bytes, attributes
     and caption; `caption_noise` of the train split's captions belong to another image."""
-    pixels, attributes = make_image(seed, split, index, side)
+    pixels, attributes = make_image(seed, split, index, side, world)
     if split == "train" and caption_noise > 0:
-        caption = noisy_caption(seed, split, index, count, caption_noise, attributes.caption)
-        attributes = DemoAttributes(**{**asdict(attributes), "caption": caption})
+        caption = noisy_caption(seed, split, index, count, caption_noise, attributes.caption, world)
+        attributes = replace(attributes, caption=caption)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return DemoSample(f"demo_{split}_{index:07d}", buffer.getvalue(), attributes)

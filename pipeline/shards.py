@@ -108,19 +108,34 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def manifest_rows(directory: Path) -> dict[str, dict[str, Any]]:
-    """The manifest's row (samples, bytes, sha256) of every shard in `directory`, by file name.
-
-    The one reader of `manifest.json`; {} when the directory has none.
-    """
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The one reader of `manifest.json`; {} when the directory has none."""
     manifest = Path(directory) / MANIFEST_FILE
     if not manifest.is_file():
         return {}
     try:
-        splits = json.loads(manifest.read_text()).get("splits", {})
-    except (json.JSONDecodeError, AttributeError):
+        content = json.loads(manifest.read_text())
+        if not isinstance(content, dict):
+            raise TypeError
+        return content
+    except (json.JSONDecodeError, TypeError):
         raise PipelineError(f"{manifest}: not a valid manifest; re-run `python -m pipeline shards`") from None
+
+
+def manifest_rows(directory: Path) -> dict[str, dict[str, Any]]:
+    """The manifest's row (samples, bytes, sha256) of every shard in `directory`, by file name."""
+    splits = read_manifest(directory).get("splits", {})
     return {row["name"]: row for split in splits.values() for row in split.get("shards", [])}
+
+
+def demo_world_of(directory: Path) -> str:
+    """The demo world demo shards were rendered in (`shards --world`): "easy" for shards written
+    before the option existed. Raises for shards that are not the demo's."""
+    manifest = read_manifest(directory)
+    if manifest.get("source") != "demo":
+        raise PipelineError(f"{directory}: not demo shards (manifest.json says source "
+                            f"{manifest.get('source')!r}); make them with `python -m pipeline shards --source demo`")
+    return str(manifest.get("world", "easy"))
 
 
 def sample_count(shards: Sequence[Path]) -> int | None:

@@ -37,7 +37,7 @@ from pipeline.features import extract_features, top1, zero_shot_scores
 from pipeline.losses import psd_loss
 from pipeline.progress import Progress
 from pipeline.prompts import class_anchors
-from pipeline.shards import list_shards, read_classes, usable_workers
+from pipeline.shards import demo_world_of, list_shards, read_classes, usable_workers
 from pipeline.student import save_checkpoint
 from pipeline.teacher import Teacher, TeacherSpec, build_model, resolve_teacher
 from pipeline.training import decay_groups, learning_rate
@@ -50,22 +50,23 @@ class CaptionStream(Dataset):
 
     def __init__(self, seed: int, length: int, side: int, tokenizer: Any,
                  crop_scale: tuple[float, float], crop_ratio: tuple[float, float], caption_noise: float = 0.0,
-                 images: int = 0) -> None:
+                 images: int = 0, world: demo_world.World = demo_world.EASY) -> None:
         self.seed, self.length, self.side, self.tokenizer = seed, length, side, tokenizer
         self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
         self.caption_noise, self.images = caption_noise, images or length
+        self.world = world
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        pixels, attributes = demo_world.make_image(self.seed, "train", index, self.side)
+        pixels, attributes = demo_world.make_image(self.seed, "train", index, self.side, self.world)
         image = torch.from_numpy(pixels).permute(2, 0, 1)
         rng = np.random.default_rng([self.seed, 7, index])
         params = sample_view_params(rng, 1, self.side, self.side, self.crop_scale, self.crop_ratio, False)
         view = apply_view(image, params[0], self.side)
         caption = demo_world.noisy_caption(self.seed, "train", index, self.images, self.caption_noise,
-                                           attributes.caption)
+                                           attributes.caption, self.world)
         tokens = self.tokenizer([caption])[0]
         caption_id = int(hashlib.sha1(caption.encode()).hexdigest()[:15], 16)
         return view, tokens, caption_id
@@ -152,8 +153,9 @@ def run(config: DemoTeacherConfig) -> dict[str, Any]:
         step, elapsed, history = state["step"], state["elapsed"], json.loads(state["history"])
         log.info("resuming demo-teacher training at step %d", step)
 
+    world = demo_world.WORLDS[demo_world_of(config.shards)]  # the world of the val shards it is measured on
     stream = CaptionStream(config.seed, config.steps * config.batch_size, side, tokenizer, config.crop_scale,
-                           config.crop_ratio, config.caption_noise)
+                           config.crop_ratio, config.caption_noise, world=world)
     sampler = range(step * config.batch_size, config.steps * config.batch_size)
     loader = DataLoader(stream, batch_size=config.batch_size, sampler=sampler,
                         num_workers=usable_workers(config.workers), drop_last=True,

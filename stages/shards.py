@@ -17,7 +17,6 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +102,10 @@ def parallel_map(function: Callable, items: Sequence, workers: int, desc: str) -
 # --------------------------------------------------------------------------- demo source
 
 
-def demo_record(job: tuple[int, str, int, int, float, int]) -> ShardRecord:
-    seed, split, index, side, caption_noise, count = job
-    sample = demo_world.make_sample(seed, split, index, side, caption_noise, count)
-    attributes = asdict(sample.attributes)
+def demo_record(job: tuple[int, str, int, int, float, int, str]) -> ShardRecord:
+    seed, split, index, side, caption_noise, count, world = job
+    sample = demo_world.make_sample(seed, split, index, side, caption_noise, count, demo_world.WORLDS[world])
+    attributes = sample.attributes.record()
     return ShardRecord(sample.key, sample.jpeg, sample.attributes.label,
                        sample.attributes.caption, attributes)
 
@@ -118,15 +117,17 @@ def write_demo(config: ShardsConfig, out: Path) -> dict[str, Any]:
         raise PipelineError("option --image-size must be at least 16 for the demo source")
     out.mkdir(parents=True, exist_ok=True)
     remove_old_shards(out)
+    world = demo_world.WORLDS[config.world]
     write_classes(out, [ClassInfo(c.index, c.id, c.name, demo_world.demo_contexts(c))
-                        for c in demo_world.demo_classes()])
+                        for c in demo_world.demo_classes(world)])
     splits = {}
     for split, count in (("train", config.train), ("val", config.val)):
-        jobs = [(config.seed, split, i, config.image_size, config.caption_noise, count) for i in range(count)]
+        jobs = [(config.seed, split, i, config.image_size, config.caption_noise, count, world.name)
+                for i in range(count)]
         records = parallel_map(demo_record, jobs, config.workers, f"demo {split}")
         splits[split] = write_split(out, split, records, config.max_per_shard)
-    return {"source": "demo", "seed": config.seed, "image_size": config.image_size,
-            "classes": len(demo_world.demo_classes()), "splits": splits, "skipped": []}
+    return {"source": "demo", "world": world.name, "seed": config.seed, "image_size": config.image_size,
+            "classes": len(demo_world.demo_classes(world)), "splits": splits, "skipped": []}
 
 
 # --------------------------------------------------------------------------- folder source

@@ -92,3 +92,42 @@ def test_caption_noise_swaps_a_seeded_share_of_train_captions_for_other_images()
             for i in range(20)] == [caption_of(0, "val", i) for i in range(20)]  # val stays clean
     clean = make_sample(0, "train", 5, 16)
     assert clean.attributes.caption == own[5] and clean.jpeg == make_sample(0, "train", 5, 16, 0.3, count).jpeg
+
+
+def test_the_easy_world_is_what_it_was():
+    """The hard world's options leave the easy world's bytes alone: the digest of its first 40
+    train and val samples (seed 0), which the code before the hard world gave too."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    for split in ("train", "val"):
+        for i in range(40):
+            sample = demo_world.make_sample(0, split, i, 64, 0.3 if split == "train" else 0.0, 40)
+            digest.update(sample.jpeg + json.dumps(sample.attributes.record(), sort_keys=True).encode())
+    assert digest.hexdigest() == EASY_DIGEST
+    assert not any(key.startswith("distractor") for key in sample.attributes.record())
+
+
+EASY_DIGEST = "c84d7b8723da136eb2cde180a2cfe331197b5d89426699d9adb2ae1e1b82168a"
+
+
+def test_the_hard_world_has_twins_distractors_and_partial_captions():
+    hard = demo_world.HARD
+    samples = [demo_world.make_sample(0, "train", i, world=hard) for i in range(400)]
+    assert demo_world.make_sample(0, "train", 5, world=hard) == samples[5]  # seeded
+    classes = demo_world.demo_classes(hard)
+    assert len({s.attributes.label for s in samples}) == len(classes) == 64
+    with_distractor = [s.attributes for s in samples if s.attributes.distractor_colour]
+    assert 0.4 < len(with_distractor) / len(samples) < 0.6
+    for a in with_distractor:
+        assert (a.distractor_colour, a.distractor_shape) != (a.colour, a.shape)  # another class
+        assert a.distractor_radius < 0.75 * a.radius  # smaller: the label is the larger object
+        assert set(a.record()) >= {"distractor_colour", "distractor_cx"}
+    mentioned = [a for a in with_distractor if f"and a smaller {a.distractor_colour} {a.distractor_shape}" in a.caption]
+    assert 0.3 < len(mentioned) / len(with_distractor) < 0.7
+    # partial captions name the shape or the colour only; the others name the class
+    named = [s for s in samples if classes[s.attributes.label].name in s.attributes.caption]
+    assert 0.6 < len(named) / len(samples) < 0.9
+    pixels, _ = demo_world.make_image(0, "val", 3, world=hard)
+    assert pixels.shape == (64, 64, 3)

@@ -192,3 +192,21 @@ def test_workers_beyond_the_cores_are_capped_in_one_line(demo_shards, caplog):
     capped = [r.getMessage() for r in caplog.records if "DataLoader workers" in r.getMessage()]
     assert capped == [f"workers {asked}: this process may use {cores} CPU core(s); running {cores} DataLoader workers"]
     assert not [w for w in caught if "worker" in str(w.message).lower()]
+
+
+def test_hard_world_shards_record_their_world_and_its_classes(tmp_path, demo_shards):
+    from pipeline.shards import demo_world_of, iter_shard, list_shards, read_classes  # noqa: I001
+
+    out = tmp_path / "hard"
+    shards_stage.run(stage_config("shards", source="demo", out=str(out), train=24, val=8, max_per_shard=16,
+                                  world="hard", workers=1))
+    assert demo_world_of(out) == "hard" and demo_world_of(demo_shards) == "easy"
+    classes = read_classes(out)
+    assert len(classes) == 64 and classes[1].id == "red_octagon" and classes[1].name == "red octagon"
+    samples = [s for i, shard in enumerate(list_shards(out, "train")) for s in iter_shard(shard, i)]
+    assert len(samples) == 24 and all(s.image.shape == (3, 64, 64) for s in samples)
+    meta = [json.loads(m) for shard in list_shards(out, "train")
+            for m in (sample["json"] for sample in wds.WebDataset(str(shard), shardshuffle=False))]
+    assert len(meta) == 24 and any("distractor_colour" in m for m in meta)
+    with pytest.raises(PipelineError, match="not demo shards"):
+        demo_world_of(tmp_path)
