@@ -108,6 +108,11 @@ def test_dvc_repro_runs_everything_then_nothing_then_only_what_changed(tmp_path)
     assert distill_metrics["final_loss"] == pytest.approx(float(last_epoch[1]), abs=1e-6)
     for name in ("probe.png", "distill.png", "distill.csv", "supervised.csv"):
         assert (project / "plots" / name).stat().st_size > 0
+    confusions = json.loads((project / "plots" / "confusion.json").read_text())["models"]
+    for name in ("teacher", "student"):  # the summary counts the zero-shot errors of the table
+        assert confusions[name]["predictions"] == 64
+        assert confusions[name]["errors"] == round(64 * (1 - metrics[name]["zeroshot_top1"]))
+        assert sum(p["count"] for p in confusions[name]["pairs"]) <= confusions[name]["errors"]
 
     second = dvc(project, "repro")
     assert second.returncode == 0 and ran_stages(second.stdout) == []
