@@ -25,10 +25,10 @@ Two worlds share this generator (`WORLDS`, the shards option `--world`):
   shapes = 64 classes that share structure the way ImageNet's do: every colour has a twin
   close to it (red and scarlet, orange and amber, green and teal, blue and violet) and six of the
   shapes have one (circle and octagon, square and pentagon, star and six-point star), so a
-  class has up to three near neighbours, its fine-grained variants. Half the images hold a
-  distractor, a smaller object of another class (the label is the larger object), which
-  captions mention some of the time; a share of captions is partial (names only the colour or
-  only the shape). The errors a teacher makes here are structured: mostly a twin of the true
+  class has one or two near neighbours, its fine-grained variants. 30% of the images hold a
+  distractor, a smaller object of another class (the label is the larger object), which half
+  their captions mention; 15% of the captions are partial (name only the colour or only the
+  shape). The errors a teacher makes here are structured: mostly a twin of the true
   class (`twin_classes`), which probe's confusion summary shows.
 """
 
@@ -142,8 +142,8 @@ class World:
 
 
 EASY = World("easy", COLOURS, SHAPES, HOMONYMS)
-HARD = World("hard", HARD_COLOURS, HARD_SHAPES, HARD_HOMONYMS, HARD_TWINS, distractor_rate=0.5,
-             distractor_caption_rate=0.5, partial_rate=0.25)
+HARD = World("hard", HARD_COLOURS, HARD_SHAPES, HARD_HOMONYMS, HARD_TWINS, distractor_rate=0.3,
+             distractor_caption_rate=0.5, partial_rate=0.15)
 WORLDS: dict[str, World] = {"easy": EASY, "hard": HARD}
 
 
@@ -331,10 +331,10 @@ def sample_attributes(label: int, rng: np.random.Generator, world: World = EASY)
 
 
 def with_distractor(a: DemoAttributes, classes: list[DemoClass], rng: np.random.Generator) -> DemoAttributes:
-    """`a` with a second object of another class, 45-70% of its size, placed where it overlaps
+    """`a` with a second object of another class, 35-55% of its size, placed where it overlaps
     the main object little (the last of 20 tries if none is clear)."""
     other = classes[(a.label + 1 + int(rng.integers(len(classes) - 1))) % len(classes)]
-    radius = a.radius * float(rng.uniform(0.45, 0.7))
+    radius = a.radius * float(rng.uniform(0.35, 0.55))
     margin = radius * 0.9
     for _ in range(20):
         cx, cy = (float(v) for v in rng.uniform(margin, 1 - margin, size=2))
