@@ -75,6 +75,10 @@ UNITS = {"student_linear_top1": PERCENT + ", linear probe", "student_zeroshot_to
          "bytes_per_view": "B stored per view (pipeline.cache.stored_bytes_per_view)",
          "student_parameters": "parameters of the student (backbone and head)",
          "student_weights_mb": "MB of the student's weights as float32 safetensors",
+         "random_linear_top1": PERCENT + ", linear probe of the random-init student",
+         "teacher_errors_related": "% of the teacher's zero-shot errors on a related class (hard world: a twin)",
+         "student_errors_related": "% of the student's zero-shot errors on a related class (hard world: a twin)",
+         "errors_related_chance": "% of errors a uniformly drawn wrong class would put on a related class",
          "teacher_steps": "training steps of the teacher",
          "teacher_minutes": "minutes of teacher training (wall clock)"}
 GROUP = "run by scripts/ablation.py"
@@ -178,6 +182,9 @@ def run_row(name: str, overrides: dict[str, object], params: Path, with_supervis
                                                       header.embed_dim, header.store_embeddings), 1),
     }
     figures.update(student_size(row_dir / "student.pt"))
+    if "random_init" in metrics:
+        figures["random_linear_top1"] = percent(metrics["random_init"]["linear_top1"])
+    figures.update(related_errors(row_dir / "confusion.json"))
     configs = {"precompute": precompute_config, "prompts": precompute_config.prompts, "train": distill_config.train,
                "distill": distill_config, "probe": probe_config}
     if with_supervised:
@@ -197,6 +204,19 @@ def run_row(name: str, overrides: dict[str, object], params: Path, with_supervis
         "commit": code_version(),
         "measured": date.fromtimestamp(result_path.stat().st_mtime).isoformat(),
     }
+
+
+def related_errors(path: Path) -> dict[str, float]:
+    """From probe's confusion summary, where the shards say which classes are related: the share
+    of the teacher's and the student's zero-shot errors on a related class, and its chance."""
+    if not path.is_file():
+        return {}
+    models = json.loads(path.read_text())["models"]
+    if "related_share" not in models.get("teacher", {}):
+        return {}
+    return {"teacher_errors_related": percent(models["teacher"]["related_share"]),
+            "student_errors_related": percent(models["student"]["related_share"]),
+            "errors_related_chance": percent(models["teacher"]["related_chance"])}
 
 
 def student_size(checkpoint: Path) -> dict[str, float]:

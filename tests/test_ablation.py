@@ -109,5 +109,7 @@ def test_seed_rows_train_and_probe_the_supervised_reference_at_the_same_seed(dem
     assert record["params"]["train.seed"] == 1
     assert record["figures"]["supervised_linear_top1"] == round(100 * measured["supervised"]["linear_top1"], 4)
     assert record["figures"]["student_linear_top1"] == round(100 * measured["student"]["linear_top1"], 4)
+    assert record["figures"]["random_linear_top1"] == round(100 * measured["random_init"]["linear_top1"], 4)
+    assert "teacher_errors_related" not in record["figures"]  # the easy world: no related classes
     reference = torch.load(tmp_path / "data/ablation/seed-1/supervised.pt", weights_only=True)
     assert reference["params"]["train"]["seed"] == 1  # trained at the row's seed, not params.yaml's 0
