@@ -10,9 +10,14 @@ of errors on a related class beside the share that uniform errors would put ther
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from pipeline import demo_world
+from pipeline.errors import PipelineError
+from pipeline.shards import ClassInfo, demo_world_of
 
 
 def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -74,3 +79,21 @@ def describe(name: str, summary: dict[str, Any], pairs: int = 3) -> str:
     worst = ", ".join(f"{p['true']} -> {p['predicted']} ({100 * p['share_of_true']:.0f}%)"
                       for p in summary["pairs"][:pairs])
     return "; ".join(parts) + (f"; most confused: {worst}" if worst else "")
+
+
+def display_names(classes: list[ClassInfo]) -> list[str]:
+    """Class names for people: the name, with the id where two classes share it (homonyms)."""
+    counts: dict[str, int] = {}
+    for c in classes:
+        counts[c.name] = counts.get(c.name, 0) + 1
+    return [c.name if counts[c.name] == 1 else f"{c.name} ({c.id})" for c in classes]
+
+
+def related_classes(shards: str | Path) -> dict[int, list[int]] | None:
+    """Which classes are related, where the shards say: the twins of the hard demo world."""
+    try:
+        world = demo_world_of(Path(shards))
+    except PipelineError:
+        return None  # not demo shards
+    twins = demo_world.twin_classes(demo_world.WORLDS[world])
+    return twins if any(twins.values()) else None

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline import demo_world, faults, preemption
+from pipeline import confusion, demo_world, faults, preemption
 from pipeline.atomic import atomic_path, write_json
 from pipeline.config import DemoTeacherConfig, TeacherConfig, write_resolved
 from pipeline.errors import PipelineError
@@ -77,7 +77,8 @@ def zero_shot_accuracy(teacher: Teacher, config: DemoTeacherConfig) -> dict[str,
     """Zero-shot top-1 on the val shards with plain and with CPA class anchors.
 
     Also per class, for the classes that have CPA contexts (the demo world's homonyms):
-    `per_class[id] = {"name", "context", "plain", "cpa"}`.
+    `per_class[id] = {"name", "context", "plain", "cpa"}`; and the confusion summary of the CPA
+    classifier (`confusion`: `pipeline.confusion.summarize`, twins as related in the hard world).
     """
     shards = list_shards(config.shards, "val")
     classes = read_classes(config.shards)
@@ -92,6 +93,10 @@ def zero_shot_accuracy(teacher: Teacher, config: DemoTeacherConfig) -> dict[str,
                                   len(classes))
         results[prompt_set] = top1(scores, labels)
         correct = scores.argmax(-1) == labels
+        if prompt_set == "cpa":  # which classes it mistakes for which (pipeline/confusion.py)
+            results["confusion"] = confusion.summarize(
+                confusion.confusion_matrix(scores.argmax(-1), labels, len(classes)),
+                confusion.display_names(classes), confusion.related_classes(config.shards))
         for c in classes:
             if c.id in results["per_class"] and (labels == c.index).any():
                 results["per_class"][c.id][prompt_set] = round(float(correct[labels == c.index].float().mean()), 4)
@@ -215,6 +220,7 @@ def run(config: DemoTeacherConfig) -> dict[str, Any]:
         "zero_shot_top1_plain": accuracy["plain"],
         "zero_shot_top1_cpa": accuracy["cpa"],
         "zero_shot_per_class_with_context": accuracy["per_class"],
+        "zero_shot_confusion_cpa": accuracy["confusion"],
         "arch": config.arch,
         "objective": config.objective,
         "caption_noise": config.caption_noise,

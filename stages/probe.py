@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from pipeline import confusion, demo_world, distributed
+from pipeline import confusion, distributed
 from pipeline.atomic import atomic_path, write_json
 from pipeline.cache import TeacherCache
 from pipeline.config import ProbeConfig, write_resolved
@@ -41,7 +41,7 @@ from pipeline.linear_probe import DEFAULT_WEIGHT_DECAYS, linear_probe, probe_mem
 from pipeline.precision import configure, for_device
 from pipeline.progress import Progress
 from pipeline.prompts import class_anchors, encode_prompts, prompt_store
-from pipeline.shards import ClassInfo, demo_world_of, list_shards, manifest_rows, read_classes, sample_count
+from pipeline.shards import ClassInfo, list_shards, manifest_rows, read_classes, sample_count
 from pipeline.student import Student, build_student, load_student, student_input, student_on
 from pipeline.teacher import autocast, load_teacher, resolve_device
 
@@ -192,14 +192,14 @@ def features_and_zero_shot(config: ProbeConfig, cache: TeacherCache, classes: li
 
     zero_shot: dict[str, dict[str, float]] = {}
     anchors, anchor_classes = cache.anchors(), cache.anchor_classes()
-    related = related_classes(config.shards)
+    related = confusion.related_classes(config.shards)
     confusions = {}
     for name, features in (("teacher", val.features["teacher"]),
                            ("student", val.features["student_embedding"])):
         top1, top5, predicted = zero_shot_accuracy(features, val.labels, anchors, anchor_classes, num_classes)
         zero_shot[name] = {"zeroshot_top1": top1, "zeroshot_top5": top5}
         confusions[name] = confusion.summarize(confusion.confusion_matrix(predicted, val.labels, num_classes),
-                                               display_names(classes), related)
+                                               confusion.display_names(classes), related)
         log.info("%s", confusion.describe(f"{name} zero-shot", confusions[name]))
         if related is not None:
             zero_shot[name]["zeroshot_errors_related"] = confusions[name]["related_share"]
@@ -232,24 +232,6 @@ def zero_shot_accuracy(features: torch.Tensor, labels: torch.Tensor, anchors: to
             hits[i] += round(topk_accuracy(scores, labels[rows], top) * scores.shape[0])
         predicted.append(scores.argmax(dim=-1).cpu())
     return hits[0] / len(labels), hits[1] / len(labels), torch.cat(predicted)
-
-
-def display_names(classes: list[ClassInfo]) -> list[str]:
-    """Class names for people: the name, with the id where two classes share it (homonyms)."""
-    counts: dict[str, int] = {}
-    for c in classes:
-        counts[c.name] = counts.get(c.name, 0) + 1
-    return [c.name if counts[c.name] == 1 else f"{c.name} ({c.id})" for c in classes]
-
-
-def related_classes(shards: str) -> dict[int, list[int]] | None:
-    """Which classes are related, where the shards say: the twins of the hard demo world."""
-    try:
-        world = demo_world_of(Path(shards))
-    except PipelineError:
-        return None  # not demo shards
-    twins = demo_world.twin_classes(demo_world.WORLDS[world])
-    return twins if any(twins.values()) else None
 
 
 def first_shards_with(shards: list[Path], images: int, shard_dir: str) -> list[Path]:

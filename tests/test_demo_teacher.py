@@ -91,3 +91,15 @@ def test_an_ms_clip_teacher_pre_trains_and_loads_as_a_teacher(demo_shards, tmp_p
                            "cpu", precision="fp32")
     embeddings = teacher.encode_text(["a crane, a kind of bird.", "a bat."])
     assert embeddings.shape == (2, 128) and torch.allclose(embeddings.norm(dim=-1), torch.ones(2), atol=1e-4)
+
+
+def test_the_metrics_hold_the_confusion_summary_of_the_cpa_classifier(demo_shards, tmp_path):
+    config_file, _ = make_tiny_teacher(tmp_path / "arch")
+    out = tmp_path / "teacher.safetensors"
+    config = stage_config("demo_teacher", shards=str(demo_shards), config=str(config_file), out=str(out),
+                          arch="two-tower", init="", steps=1, batch_size=8, warmup_steps=1, workers=0, eval_every=0)
+    metrics = demo_teacher.run(config)
+    summary = metrics["zero_shot_confusion_cpa"]
+    assert summary["predictions"] == 48  # the val images of demo_shards
+    assert summary["errors"] == round(48 * (1 - metrics["zero_shot_top1_cpa"]))
+    assert "related_share" not in summary  # the easy world has no twins
