@@ -1,10 +1,12 @@
 """The most-confused class pairs of a probe run as a results study (docs/results/<study>.json).
 
-probe writes each zero-shot classifier's confusion summary to `<plots>/confusion.json`
-(`pipeline/confusion.py`). This script turns its most-confused (true, predicted) pairs, for the
+probe writes each zero-shot classifier's confusion summary to `<plots>/confusion.json`, and
+demo-teacher its CPA classifier's to its metrics file (`zero_shot_confusion_cpa`; both
+`pipeline/confusion.py`). This script turns the most-confused (true, predicted) pairs, of the
 teacher and the student, into a study file whose page scripts/results.py renders:
 
-    python scripts/confusion_table.py data/ablation/<row>/confusion.json --json docs/results/hard-world-confusions.json
+    python scripts/confusion_table.py data/ablation/<row>/confusion.json --json docs/results/NAME.json
+    python scripts/confusion_table.py data/teachers/hard-msclip.metrics.json --json docs/results/NAME.json
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=8, help="pairs per model")
     args = parser.parse_args(argv)
     summary = json.loads(args.confusion.read_text())
+    if "zero_shot_confusion_cpa" in summary:  # a demo teacher's metrics
+        teacher = summary["zero_shot_confusion_cpa"]
+        summary = {"related": "twin classes of the hard demo world" if "related_share" in teacher else None,
+                   "models": {"teacher": teacher}}
     related = summary.get("related")
     study = {
         "study": args.json.stem,
