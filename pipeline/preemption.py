@@ -10,10 +10,10 @@ and raises `Stopped`, which the CLI turns into exit code 128 + the signal's numb
 SIGTERM, 130 for SIGINT, 138 for SIGUSR1), the code a shell reports for a process the signal
 killed, so schedulers and scripts see the job as ended by the signal.
 
-A second signal while the job is stopping is ignored: the job is already on its way out, and
-what it writes is written atomically (`pipeline.atomic`), so even SIGKILL in the middle of the
-write leaves the previous checkpoint whole; SIGKILL ends the job at once, losing the steps since
-that checkpoint.
+A second signal while the job is stopping is ignored (until the process exits): the job is
+already on its way out, and what it writes is written atomically (`pipeline.atomic`), so even
+SIGKILL in the middle of the write leaves the previous checkpoint whole; SIGKILL ends the job
+at once, losing the steps since that checkpoint.
 
 DataLoader workers ignore the three signals (`ignore_in_worker`): a scheduler signals every
 process of the job, and a worker that died of it would crash the main process's next batch
@@ -58,7 +58,8 @@ def name(signum: int) -> str:
 class StopSignals:
     """While active (a `with` block on the main thread), the first SIGTERM, SIGINT or SIGUSR1 is
     recorded in `received` instead of ending the process; later ones are ignored. The previous
-    handlers come back when the block ends. Off the main thread (where Python cannot take
+    handlers come back when the block ends, unless it ends by `Stopped`: then the process goes on
+    ignoring the three signals until it exits. Off the main thread (where Python cannot take
     signals) it records nothing and changes nothing."""
 
     def __init__(self) -> None:
@@ -71,9 +72,12 @@ class StopSignals:
                 self.previous[signum] = signal.signal(signum, self.handle)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        # A job that stopped ignores the signals until it exits: under torchrun the first rank to
+        # exit makes torchrun signal the others, which have saved already and are exiting too.
+        stopping = isinstance(exc, Stopped)
         for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_IGN if stopping else handler)
         self.previous.clear()
 
     def handle(self, signum: int, _frame: Any) -> None:

