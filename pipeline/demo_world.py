@@ -147,14 +147,6 @@ HARD = World("hard", HARD_COLOURS, HARD_SHAPES, HARD_HOMONYMS, HARD_TWINS, distr
 WORLDS: dict[str, World] = {"easy": EASY, "hard": HARD}
 
 
-def world_named(name: str) -> World:
-    try:
-        return WORLDS[name]
-    except KeyError:
-        raise ValueError(f"no demo world {name!r}: one of {', '.join(WORLDS)}") from None
-
-
-
 @dataclass(frozen=True)
 class DemoClass:
     index: int
@@ -192,9 +184,10 @@ def twin_classes(world: World) -> dict[int, list[int]]:
     """Each class's near neighbours: the classes that differ from it by one twin attribute
     (its colour's twin with its shape, or its shape's twin with its colour). Empty lists in the
     easy world, which has no twins."""
-    index = {(c.colour, c.shape): c.index for c in demo_classes(world)}
+    classes = demo_classes(world)
+    index = {(c.colour, c.shape): c.index for c in classes}
     neighbours: dict[int, list[int]] = {}
-    for c in demo_classes(world):
+    for c in classes:
         near = []
         if (colour := world.twin(c.colour)) is not None:
             near.append(index[(colour, c.shape)])

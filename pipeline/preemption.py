@@ -26,15 +26,12 @@ one step later, so the vote never makes the host wait for the device's current s
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 from typing import Any
 
 import torch
 import torch.distributed as dist
-
-log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 

@@ -349,15 +349,15 @@ def encode_shards(
                 batches.close()  # stops the DataLoader workers
                 break
         writer.finish()  # before the ranks meet and the join reads the parts
-    progress.close()
-    if signals.received:
-        process = distributed.this_process()
-        rank = f"rank {process.rank}: " if process.distributed else ""
-        dropped = f", the shard in progress dropped ({sum(len(b['keys']) for b in buffers.values())} images)" \
-            if buffers else ""
-        log.warning("%sstopped by %s after %d of %d shards of this run%s; run the same command to resume", rank,
-                    preemption.name(signals.received), finished, len(todo), dropped)
-        raise preemption.Stopped(signals.received)
+        progress.close()
+        if signals.received:  # raised inside the block: the process ignores the signals until it exits
+            process = distributed.this_process()
+            rank = f"rank {process.rank}: " if process.distributed else ""
+            dropped = f", the shard in progress dropped ({sum(len(b['keys']) for b in buffers.values())} images)" \
+                if buffers else ""
+            log.warning("%sstopped by %s after %d of %d shards of this run%s; run the same command to resume",
+                        rank, preemption.name(signals.received), finished, len(todo), dropped)
+            raise preemption.Stopped(signals.received)
     return images
 
 
