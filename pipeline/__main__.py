@@ -150,6 +150,8 @@ stage_command("distill", "distill", "stages.distill",
               "Stage two: train the student with CSM against the cached teacher targets.")
 stage_command("supervised", "supervised", "stages.supervised",
               "Train the supervised reference (cross-entropy, same views and schedule).")
+stage_command("ssl", "ssl", "stages.ssl",
+              "Train a vision-only self-supervised baseline (SimCLR or BYOL, lightly's) for the probe table.")
 stage_command("probe", "probe", "stages.probe",
               "Linear probe and zero-shot of teacher, student and baselines.")
 stage_command("bench", "bench", "stages.bench",
@@ -179,6 +181,35 @@ def verify_cache(
     from stages import verify as verify_stage
 
     verify_stage.run(file)
+
+
+@app.command("plan")
+def plan(
+    train_images: int = typer.Option(0, help="train images of the run (0: from the shards' manifest)"),
+    val_images: int = typer.Option(0, help="val images of the run (0: from the shards' manifest)"),
+    classes: int = typer.Option(0, help="classes of the run (0: from the shards' manifest)"),
+    topk: int = typer.Option(0, help="k of the top-k cache size shown beside the full one (0: precompute.topk, "
+                                     "else 64)"),
+    processes: int = typer.Option(1, help="torchrun processes per machine (GPUs per node)"),
+    gpu_images_per_second: float = typer.Option(0.0, help="one GPU's distill rate, images/s (e.g. from `bench` "
+                                                          "on it): prints the CPU cores per GPU the data path needs"),
+    teacher_views_per_second: float = typer.Option(0.0, help="one GPU's teacher rate in precompute, views/s: "
+                                                             "prints the cores per GPU precompute's data path needs"),
+    bench_json: Path = typer.Option(None, help="take the data path's per-core rates from this `bench --json` "
+                                               "file instead of timing them now"),
+    json_out: Path = typer.Option(None, "--json", help="also write the plan as JSON"),
+) -> None:
+    """Print what a run of the params file will need: cache bytes, disk, shared memory, probe
+    memory, FLOPs per image, and the CPU cores per GPU of its data path."""
+    from pipeline import plan as planning
+    from pipeline.atomic import write_json
+
+    per_core = planning.per_core_from_bench(bench_json) if bench_json else None
+    result = planning.make_plan(active_params(), train_images, val_images, classes, topk, processes,
+                                gpu_images_per_second, per_core, teacher_views_per_second=teacher_views_per_second)
+    print("\n".join(planning.describe(result)))
+    if json_out:
+        write_json(json_out, result)
 
 
 @app.command("report")

@@ -95,9 +95,14 @@ class ShardsConfig:
                           "LOC_val_solution.csv, or the devkit's ILSVRC2012_validation_ground_truth.txt "
                           "with meta.mat beside it (empty: --val-root has class folders)")
     val_fraction: float = opt("folder source: share of each class held out for val", high=1, open_high=True)
+    max_side: int = opt("folder source: store images resized so their longer side is at most this many pixels "
+                        "(once, Lanczos, JPEG quality 90): every later decode costs less (bench measures it); "
+                        "0: as they are")
     max_per_shard: int = opt("samples per shard", low=1)
     train: int = opt("demo source: training images", low=1)
     val: int = opt("demo source: validation images", low=1)
+    shifted: int = opt("demo source: images of a shifted val split, the world in another style (outlines "
+                       "on unseen backgrounds; probe measures every model on it); 0: none")
     seed: int = opt("demo source: seed of the demo world")
     image_size: int = opt("demo source: image side in pixels", low=8)
     caption_noise: float = opt("demo source: share of train captions replaced by another image's caption "
@@ -158,6 +163,10 @@ class PrecomputeConfig:
     seed: int = opt("seed of the view parameters")
     topk: int = opt("0: store all anchor similarities; k>0: store only the top-k")
     store_embeddings: bool = opt("also store the teacher image embedding of every view")
+    decode: str = opt("cpu: the DataLoader workers decode the JPEGs and cut the views; device: the workers only "
+                      "read the encoded images and sample the view parameters, and the teacher's device decodes "
+                      "each batch (nvjpeg on a GPU) and cuts the views there (on the CPU: the same cache as cpu)",
+                      choices=("cpu", "device"))
     batch_size: int = opt("views per teacher forward", low=1)
     workers: int = opt(WORKERS_HELP)
     device: str = opt("auto, cpu or cuda")
@@ -194,6 +203,10 @@ class TrainConfig:
     mix_shards: int = opt("shards each worker reads at a time and shuffles together: batches mix their "
                           "images; a worker holds their encoded bytes in memory", low=1)
     device: str = opt("auto, cpu or cuda")
+    decode: str = opt("cpu: the DataLoader workers decode the JPEGs and cut the views; device: the workers only "
+                      "read the encoded images and view parameters, and the training device decodes each batch "
+                      "(nvjpeg on a GPU) and cuts the views there (on the CPU: the same pixels as cpu)",
+                      choices=("cpu", "device"))
     precision: str = opt(PRECISION_HELP + " (bf16 on a CPU with AMX: ResNet-18 at 64 px trains 1.8x faster)",
                          choices=PRECISION_CHOICES)
     checkpoint_every: int = opt("also checkpoint every N steps (0: only at each epoch end)")
@@ -234,11 +247,29 @@ class SupervisedConfig:
 
 
 @dataclass(frozen=True)
+class SslConfig:
+    method: str = opt("simclr: NT-Xent between the two views (lightly's NTXentLoss, SimCLR projection head); "
+                      "byol: prediction vs a momentum target (lightly's BYOL heads)", choices=("simclr", "byol"))
+    projection_dim: int = opt("output width of the projection head", low=1)
+    projection_hidden: int = opt("hidden width of the projection (and BYOL's prediction) head", low=1)
+    temperature: float = opt("SimCLR: NT-Xent temperature", open_low=True)
+    target_momentum: float = opt("BYOL: the target's momentum at the first step, raised to 1 by the last (cosine)",
+                          high=1)
+    out: str = opt("baseline checkpoint to write (a student: backbone + projection head)")
+    run_dir: str = opt("directory for resumable training checkpoints")
+    metrics: str = opt("metrics JSON file to write")
+    plot: str = opt("per-epoch CSV to write")
+    train: TrainConfig = opt("training settings (shared with distill)")
+
+
+@dataclass(frozen=True)
 class ProbeConfig:
     shards: str = opt("shard directory (train-*.tar to fit, val-*.tar to evaluate)")
     cache: str = opt("teacher cache: teacher identity and anchors")
     student: str = opt("distilled student checkpoint")
     supervised: str = opt("supervised reference checkpoint (empty: skip)")
+    baselines: str = opt("more backbones to probe, NAME=CHECKPOINT comma-separated (the SSL baselines: "
+                         "simclr=data/models/simclr.pt); empty: none")
     out: str = opt("metrics JSON file to write")
     plots: str = opt("directory for probe.png and distill.png")
     distill_csv: str = opt("per-epoch CSV of distill, drawn as a curve")
@@ -264,6 +295,11 @@ class BenchConfig:
     views: int = opt("views per image in the precompute measurement", low=1)
     precompute_shards: int = opt("train shards that the precompute measurement runs over", low=1)
     measure_rss: bool = opt("measure peak RSS with the cache at 1x and 8x (two extra short runs)")
+    data_path_images: int = opt("ImageNet-sized JPEGs (500 x 375, quality 90) the data-path measurement makes and "
+                                "times per core, without a model (0: skip it)")
+    data_path_size: int = opt("resolution of the data-path measurement's views (ImageNet: 224)", low=8)
+    data_path_max_sides: str = opt("also time the data path on JPEGs pre-sized to these longer sides, as "
+                                   "`shards --max-side` stores them: comma-separated (empty: none)")
     json: str = opt("JSON file to write (empty: none)")
     train: TrainConfig = opt("the training settings measured (shards, cache, student, resolution, batch, "
                              "optimiser, workers, device, precision): the train section")
@@ -277,6 +313,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "precompute": PrecomputeConfig,
     "distill": DistillConfig,
     "supervised": SupervisedConfig,
+    "ssl": SslConfig,
     "probe": ProbeConfig,
     "bench": BenchConfig,
 }

@@ -68,7 +68,12 @@ BACKGROUND_TONES: dict[str, tuple[float, float]] = {  # grey level range, 0-255
 }
 ROWS = ("top", "middle", "bottom")
 COLUMNS = ("left", "center", "right")
-SPLIT_CODES = {"train": 1, "val": 2}
+SPLIT_CODES = {"train": 1, "val": 2, "shifted": 3}
+# The shifted val split (an ImageNet-Sketch/-R analogue, `shards --shifted N`): every object drawn as its
+# outline only (OUTLINE_INNER: the hollow part's radius as a share of the object's), on backgrounds that
+# no train or val image has.
+OUTLINE_INNER = 0.62
+SHIFTED_BACKGROUNDS: tuple[str, ...] = ("dotted", "woven")
 JPEG_QUALITY = 92
 
 # name -> ((colour, shape, sense), (colour, shape, sense)): visually distinct pairs.
@@ -297,7 +302,8 @@ def caption_for(a: DemoAttributes, rng: np.random.Generator, world: World = EASY
     return " ".join(caption.replace(",,", ",").replace(",.", ".").rstrip(",").split())
 
 
-def sample_attributes(label: int, rng: np.random.Generator, world: World = EASY) -> DemoAttributes:
+def sample_attributes(label: int, rng: np.random.Generator, world: World = EASY,
+                      backgrounds: tuple[str, ...] = BACKGROUND_KINDS) -> DemoAttributes:
     classes = demo_classes(world)
     cls = classes[label]
     size = str(rng.choice(list(SIZES)))
@@ -313,7 +319,7 @@ def sample_attributes(label: int, rng: np.random.Generator, world: World = EASY)
         cx=cx,
         cy=cy,
         rotation=float(rng.uniform(0, 360)),
-        background=str(rng.choice(BACKGROUND_KINDS)),
+        background=str(rng.choice(backgrounds)),
         tone=str(rng.choice(list(BACKGROUND_TONES))),
         noise=float(rng.uniform(0, 14)),
         caption="",
@@ -419,6 +425,14 @@ def background(a: DemoAttributes, side: int, rng: np.random.Generator) -> np.nda
         cell = rng.uniform(0.08, 0.2)
         checks = (np.floor(xx / cell) + np.floor(yy / cell)) % 2
         base += ((checks - 0.5) * contrast)[..., None]
+    elif a.background == "dotted":  # shifted split only
+        cell = rng.uniform(0.07, 0.12)
+        dots = ((np.mod(xx, cell) / cell - 0.5) ** 2 + (np.mod(yy, cell) / cell - 0.5) ** 2) < 0.09
+        base += ((dots - 0.5) * contrast)[..., None]
+    elif a.background == "woven":  # shifted split only
+        period = rng.uniform(0.06, 0.1)
+        weave = np.sin(2 * math.pi * xx / period) * np.sin(2 * math.pi * yy / period)
+        base += (weave * contrast / 2)[..., None]
     elif a.background == "noisy":
         coarse = rng.normal(0, contrast / 2, size=(side // 8 + 1, side // 8 + 1))
         blobs = np.kron(coarse, np.ones((8, 8)))[:side, :side]
@@ -427,25 +441,31 @@ def background(a: DemoAttributes, side: int, rng: np.random.Generator) -> np.nda
 
 
 def paint(canvas: np.ndarray, a: DemoAttributes, rgb: tuple[int, int, int], side: int,
-          rng: np.random.Generator) -> np.ndarray:
-    """`canvas` with the shape of `a` painted over it in `rgb`, jittered and softly shaded."""
+          rng: np.random.Generator, outline: bool = False) -> np.ndarray:
+    """`canvas` with the shape of `a` painted over it in `rgb`, jittered and softly shaded; with
+    `outline`, only its rim (the shape less the same shape OUTLINE_INNER as large)."""
     colour = np.asarray(rgb, dtype=np.float32)
     colour = np.clip(colour * rng.uniform(0.82, 1.1) + rng.normal(0, 10, size=3), 0, 255)
-    mask = shape_mask(a, side)[..., None]
+    mask = shape_mask(a, side)
+    if outline:
+        mask = np.clip(mask - shape_mask(replace(a, radius=a.radius * OUTLINE_INNER), side), 0, 1)
+    mask = mask[..., None]
     # Soft shading across the shape so it is not a flat fill.
     yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
     shade = 1.0 + 0.12 * ((xx - a.cx) * rng.uniform(-1, 1) + (yy - a.cy) * rng.uniform(-1, 1))
     return canvas * (1 - mask) + (colour * shade[..., None]) * mask
 
 
-def render(a: DemoAttributes, side: int, rng: np.random.Generator, world: World = EASY) -> np.ndarray:
-    """The image of `a` as (side, side, 3) uint8: the distractor, if any, under the main object."""
+def render(a: DemoAttributes, side: int, rng: np.random.Generator, world: World = EASY,
+           outline: bool = False) -> np.ndarray:
+    """The image of `a` as (side, side, 3) uint8: the distractor, if any, under the main object;
+    with `outline` (the shifted split), every object drawn as its outline."""
     canvas = background(a, side, rng)
     if a.distractor_colour:
         distractor = replace(a, shape=a.distractor_shape, radius=a.distractor_radius, cx=a.distractor_cx,
                              cy=a.distractor_cy, rotation=a.distractor_rotation)
-        canvas = paint(canvas, distractor, world.colours[a.distractor_colour], side, rng)
-    canvas = paint(canvas, a, world.colours[a.colour], side, rng)
+        canvas = paint(canvas, distractor, world.colours[a.distractor_colour], side, rng, outline)
+    canvas = paint(canvas, a, world.colours[a.colour], side, rng, outline)
     canvas += rng.normal(0, a.noise, size=canvas.shape).astype(np.float32)
     return np.clip(canvas, 0, 255).astype(np.uint8)
 
@@ -463,11 +483,13 @@ def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 def make_image(seed: int, split: str, index: int, side: int = 64,
                world: World = EASY) -> tuple[np.ndarray, DemoAttributes]:
-    """Image `index` of `split` as (side, side, 3) uint8 pixels, with its attributes."""
+    """Image `index` of `split` as (side, side, 3) uint8 pixels, with its attributes. The
+    `shifted` split draws outlines on backgrounds of its own (SHIFTED_BACKGROUNDS)."""
     rng = sample_rng(seed, split, index)
     label = int(rng.integers(len(demo_classes(world))))
-    attributes = sample_attributes(label, rng, world)
-    return render(attributes, side, rng, world), attributes
+    shifted = split == "shifted"
+    attributes = sample_attributes(label, rng, world, SHIFTED_BACKGROUNDS if shifted else BACKGROUND_KINDS)
+    return render(attributes, side, rng, world, outline=shifted), attributes
 
 
 NOISE_CODE = 77  # keeps the caption-noise draws apart from the image's own random stream

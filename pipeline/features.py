@@ -82,6 +82,7 @@ def extract_features(
     desc: str = "features",
     dtype: torch.dtype = torch.float32,
     pin_memory: bool = False,
+    captions: list[str | None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
     """Run every encoder (name -> (resolution, fn on [0,1] pixels)) over the shards' evaluation views.
 
@@ -90,7 +91,8 @@ def extract_features(
     converted on the encoder's device before it is moved), the labels (N,) and the keys of
     corrupt samples. Raises PipelineError when a feature is beyond the range of `dtype`.
     `pin_memory` (for a CUDA encoder): batches arrive in pinned memory, so that the encoders'
-    copies to the device do not first go through a pageable staging buffer.
+    copies to the device do not first go through a pageable staging buffer. `captions`, when
+    given, gets each returned row's caption (None for a sample without one), in row order.
     """
     sizes = {f"pixels_{size}": size for size, _ in encoders.values()}
     loader = iterate_batches(centre_view_batches(shards, sizes, batch_size), workers, pin_memory=pin_memory,
@@ -111,6 +113,8 @@ def extract_features(
                                     f"(|x| > {largest:g}); store them as torch.float32")
             features[name].append(encoded.to(dtype).cpu())
         labels.append(batch["labels"])
+        if captions is not None:
+            captions.extend(batch["captions"])
         progress.update(len(batch["keys"]))
     progress.close()
     return {name: rows.rows() for name, rows in features.items()}, labels.rows(), corrupt

@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -47,13 +47,15 @@ class ProbeResult:
 
     ``top1`` / ``top5`` are fractions in [0, 1] on the validation set (``top5`` is top-k with
     k = min(5, num_classes)); ``weight_decay`` is the chosen L2 strength; ``sweep`` maps every
-    swept weight decay to its held-out top-1 accuracy.
+    swept weight decay to its held-out top-1 accuracy; ``also_top1`` the same classifier's top-1
+    on each further evaluation set (``also``), e.g. a shifted val split.
     """
 
     top1: float
     top5: float
     weight_decay: float
     sweep: dict[float, float]
+    also_top1: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,7 @@ def linear_probe(
     device: torch.device | str = "cpu",
     chunk_rows: int | None = None,
     progress: Progress | None = None,
+    also: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> ProbeResult:
     """Fit a linear probe on ``train_*``, choosing the L2 strength on a held-out part; score ``val_*``.
 
@@ -262,12 +265,19 @@ def linear_probe(
     with torch.no_grad():
         hits = _topk_hits(val_features, val_labels, weight, bias, (1, k), rows, device, mean, std)
     top1, top5 = hits[0] / val_features.shape[0], hits[1] / val_features.shape[0]
+    also_top1 = {}
+    for name, (features, labels) in (also or {}).items():  # e.g. the shifted split, by the same classifier
+        _check_finite(features, name, rows)
+        with torch.no_grad():
+            also_top1[name] = _topk_hits(features, labels, weight, bias, (1,), rows, device, mean, std)[0] \
+                / features.shape[0]
     if progress is not None:
         progress.set_postfix(**{**progress.postfix, "weight_decay": f"{chosen:.1e}", "val_top1": f"{top1:.3f}"})
         progress.update()
     log.debug("refit with weight_decay %.3g on %d rows: loss %.4f, %d iterations; val top-1 %.4f, "
               "top-5 %.4f", chosen, n, loss, iters, top1, top5)
-    return ProbeResult(top1=top1, top5=top5, weight_decay=chosen, sweep=dict(sorted(sweep.items())))
+    return ProbeResult(top1=top1, top5=top5, weight_decay=chosen, sweep=dict(sorted(sweep.items())),
+                       also_top1=also_top1)
 
 
 @torch.no_grad()

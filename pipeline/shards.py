@@ -39,7 +39,7 @@ from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "shifted")  # shifted: the demo's distribution-shift split (optional)
 CLASSES_FILE = "classes.json"
 MANIFEST_FILE = "manifest.json"
 # Fixed member times: the same input gives byte-identical shards. An int, not 0.0: a float
@@ -250,9 +250,10 @@ class Sample:
     key: str
     shard: int  # index of the shard in the list being read
     position: int  # index of the sample inside its shard
-    image: torch.Tensor | None  # (3, H, W) uint8, None when the image could not be decoded
+    image: torch.Tensor | None  # (3, H, W) uint8, None when the image could not be decoded (or was not)
     label: int
     caption: str | None
+    jpeg: bytes | None = None  # the encoded image, when the sample is left for the device to decode
 
 
 def decode_rgb(data: bytes) -> torch.Tensor:
@@ -314,11 +315,14 @@ def iter_raw(path: Path) -> Iterator[dict[str, Any]]:
                     path, count, str(err).splitlines()[0] if str(err) else type(err).__name__)
 
 
-def decode_sample(raw: dict[str, Any], shard: int, position: int) -> Sample:
-    """A Sample from raw bytes; an undecodable image gives image=None (reported, not raised)."""
+def decode_sample(raw: dict[str, Any], shard: int, position: int, decode: bool = True) -> Sample:
+    """A Sample from raw bytes; an undecodable image gives image=None (reported, not raised).
+    With `decode` False the image is left encoded (`jpeg`) for the training device to decode."""
     key = raw["__key__"]
     image = None
-    if "jpg" in raw:
+    if not decode:
+        pass
+    elif "jpg" in raw:
         try:
             image = decode_rgb(raw["jpg"])
         except Exception as err:  # any decoder failure is a corrupt sample, not a crash
@@ -328,13 +332,13 @@ def decode_sample(raw: dict[str, Any], shard: int, position: int) -> Sample:
     except ValueError:
         label = -1
     caption = raw["txt"].decode() if "txt" in raw else None
-    return Sample(key, shard, position, image, label, caption)
+    return Sample(key, shard, position, image, label, caption, None if decode else raw.get("jpg"))
 
 
-def iter_shard(path: Path, shard: int) -> Iterator[Sample]:
-    """The decoded samples of one shard in file order."""
+def iter_shard(path: Path, shard: int, decode: bool = True) -> Iterator[Sample]:
+    """The decoded samples of one shard in file order (encoded, with `decode` False)."""
     for position, raw in enumerate(iter_raw(path)):
-        yield decode_sample(raw, shard, position)
+        yield decode_sample(raw, shard, position, decode)
 
 
 class ShardBatches(IterableDataset):
@@ -358,9 +362,11 @@ class ShardBatches(IterableDataset):
         order_seed: int | None = None,
         epoch: int = 0,
         shard_indices: Sequence[int] | None = None,
+        decode: bool = True,
     ) -> None:
         self.shards = list(shards)
         self.batch_size = batch_size
+        self.decode = decode  # False: samples reach `prepare` encoded (`--decode device`)
         self.prepare = prepare
         self.shard_context = shard_context
         self.order_seed = order_seed
@@ -388,17 +394,17 @@ class ShardBatches(IterableDataset):
 
     def shard_batches(self, shard: int) -> Iterator[dict[str, Any]]:
         context = self.shard_context(shard) if self.shard_context is not None else None
-        samples: Iterator[Sample] = iter_shard(self.shards[shard], shard)
+        samples: Iterator[Sample] = iter_shard(self.shards[shard], shard, self.decode)
         if self.order_seed is not None:
             # Permute the encoded bytes (small), decode in the new order.
             raw = list(iter_raw(self.shards[shard]))
             rng = np.random.default_rng([self.order_seed, self.epoch, shard])
-            samples = (decode_sample(raw[i], shard, int(i)) for i in rng.permutation(len(raw)))
+            samples = (decode_sample(raw[i], shard, int(i), self.decode) for i in rng.permutation(len(raw)))
         pending: list[tuple[Sample, dict[str, torch.Tensor]]] = []
         corrupt: list[str] = []
         full: dict[str, Any] | None = None  # held back until we know whether it is the last
         for sample in samples:
-            if sample.image is None:
+            if sample.image is None and sample.jpeg is None:
                 corrupt.append(sample.key)
                 continue
             pending.append((sample, self.prepare(sample, context)))
@@ -467,9 +473,11 @@ class MixedBatches(IterableDataset):
         world: int = 1,
         mix: int = 4,
         lap: int = 0,
+        decode: bool = True,
     ) -> None:
         self.shards = list(shards)
         self.batch_size, self.prepare, self.shard_context = batch_size, prepare, shard_context
+        self.decode = decode  # False: samples reach `prepare` encoded (`--decode device`)
         self.seed = seed
         self.position = epoch if isinstance(epoch, SharedPosition) else SharedPosition(epoch, lap)
         self.rank, self.world, self.mix = rank, world, max(1, mix)
@@ -505,8 +513,8 @@ class MixedBatches(IterableDataset):
                 rng = np.random.default_rng([self.seed, epoch, lap, self.rank, worker, first])
                 for i in rng.permutation(len(raw)):
                     shard, position, record = raw[i]
-                    sample = decode_sample(record, shard, position)
-                    if sample.image is None:
+                    sample = decode_sample(record, shard, position, self.decode)
+                    if sample.image is None and sample.jpeg is None:
                         corrupt.append(sample.key)
                         continue
                     pending.append((sample, self.prepare(sample, contexts.get(shard))))
@@ -538,7 +546,9 @@ def collate(shard: int, pending: list, corrupt: list[str], last: bool) -> dict[s
     }
     if pending:
         for name in pending[0][1]:
-            batch[name] = torch.stack([prepared[name] for _, prepared in pending])
+            values = [prepared[name] for _, prepared in pending]
+            # encoded images differ in length: they travel as a list (`--decode device`)
+            batch[name] = values if name.endswith("_bytes") else torch.stack(values)
     return batch
 
 

@@ -41,6 +41,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TIMM_PREFIX = "timm/"  # `--arch timm/NAME`: timm's model NAME; any other arch is torchvision's
 HEADS = ("linear", "mlp", "clip-mlp")
+SSL_HEADS = ("simclr", "byol")  # the SSL baselines' projection heads (lightly's; not distill options)
 
 
 def backbone_without_classifier(arch: str) -> tuple[nn.Module, int]:
@@ -110,7 +111,20 @@ def projection_head(kind: str, in_dim: int, out_dim: int, hidden: int) -> nn.Mod
         # open_clip's TimmModel head for `timm_proj: mlp, timm_proj_bias: true` (dropout 0), the same
         # module under the same name: Linear(in, 2 out) - GELU (exact) - Linear(2 out, out), with biases
         return nn.Sequential(OrderedDict(mlp=Mlp(in_dim, 2 * out_dim, out_dim, bias=(True, True))))
+    if kind in SSL_HEADS:
+        return ssl_head(kind, in_dim, out_dim, hidden)
     raise PipelineError(f"option --head {kind}: expected one of {', '.join(HEADS)}")
+
+
+def ssl_head(kind: str, in_dim: int, out_dim: int, hidden: int) -> nn.Module:
+    """The projection head of an SSL baseline (pipeline/ssl.py), as lightly builds it: SimCLR's
+    Linear-BN-ReLU-Linear-BN, BYOL's Linear-BN-ReLU-Linear."""
+    try:
+        from lightly.models.modules import BYOLProjectionHead, SimCLRProjectionHead
+    except ImportError as err:
+        raise PipelineError(f"a {kind} baseline needs lightly ({err}); pip install -e '.[ssl]'") from None
+    head = SimCLRProjectionHead if kind == "simclr" else BYOLProjectionHead
+    return head(in_dim, hidden, out_dim)
 
 
 class Student(nn.Module):

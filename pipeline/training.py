@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import distributed, faults, precision, preemption
+from pipeline import decoding, distributed, faults, precision, preemption
 from pipeline.atomic import OutputLock, atomic_path, write_json
 from pipeline.cache import ShardTargets, TeacherCache, dense_similarities
 from pipeline.config import TrainConfig, to_dict, write_resolved
@@ -65,6 +65,7 @@ def epoch_view(seed: int, epoch: int, shard: int, views_per_image: int) -> int:
 class ShardReplay:
     targets: ShardTargets  # this epoch's view of every image of the shard
     row_of_position: dict[int, int]
+    pair: ShardTargets | None = None  # the next stored view of every image (`pairs`), rows as `targets`
 
 
 class ReplayViews:
@@ -77,11 +78,13 @@ class ReplayViews:
     """
 
     def __init__(self, cache: TeacherCache, seed: int, epoch: int | SharedPosition, image_size: int,
-                 with_targets: bool, with_embeddings: bool = False) -> None:
+                 with_targets: bool, with_embeddings: bool = False, pairs: bool = False,
+                 on_device: bool = False) -> None:
         self.cache, self.seed = cache, seed
         self.position = epoch if isinstance(epoch, SharedPosition) else SharedPosition(epoch)
         self.image_size, self.with_targets = image_size, with_targets
-        self.with_embeddings = with_embeddings
+        self.with_embeddings, self.pairs = with_embeddings, pairs
+        self.on_device = on_device  # `--decode device`: send the encoded image and the view parameters
 
     @property
     def epoch(self) -> int:
@@ -90,7 +93,10 @@ class ReplayViews:
     def context(self, shard: int) -> ShardReplay:
         view = epoch_view(self.seed, self.epoch, shard, self.cache.header.views_per_image)
         targets = self.cache.shard_targets(shard, view, self.with_embeddings, expand=False)
-        return ShardReplay(targets, targets.row_of_position())
+        pair = None
+        if self.pairs:  # the view after this epoch's (SSL baselines: two views of each image a step)
+            pair = self.cache.shard_targets(shard, (view + 1) % self.cache.header.views_per_image, expand=False)
+        return ShardReplay(targets, targets.row_of_position(), pair)
 
     def __call__(self, sample: Sample, replay: ShardReplay) -> dict[str, torch.Tensor]:
         row = replay.row_of_position.get(sample.position)
@@ -99,7 +105,15 @@ class ReplayViews:
                 f"{self.cache.path}: has no rows for sample {sample.key}; the cache was made from "
                 f"other shards, re-run precompute"
             )
-        prepared = {"pixels": apply_view(sample.image, replay.targets.params[row], self.image_size)}
+        if self.on_device:  # the training device decodes and cuts the views (pipeline.decoding)
+            prepared = {decoding.BYTES: decoding.encoded(sample.jpeg),
+                        "view": decoding.view_row(replay.targets.params[row])}
+            if replay.pair is not None:
+                prepared["view_pair"] = decoding.view_row(replay.pair.params[row])
+        else:
+            prepared = {"pixels": apply_view(sample.image, replay.targets.params[row], self.image_size)}
+            if replay.pair is not None:
+                prepared["pixels_pair"] = apply_view(sample.image, replay.pair.params[row], self.image_size)
         if self.with_targets:
             prepared["targets"] = torch.from_numpy(replay.targets.similarities[row])
             if replay.targets.topk_index is not None:
@@ -129,6 +143,12 @@ class Objective:
     needs_targets: bool
     score_name: str  # the per-batch quality term reported beside the loss
     needs_embeddings: bool = False  # the cached teacher image embeddings of the views
+    # two stored views of each image per step (`pixels`, `pixels_pair`), stacked into one forward
+    needs_pairs: bool = False
+    # the module trained from model_spec (default: the Student), and what it does after each
+    # optimiser step (called with the module, the global step taken and the run's total steps)
+    build: Callable[[dict[str, Any]], torch.nn.Module] | None = None
+    after_step: Callable[[torch.nn.Module, int, int], None] | None = None
 
 
 def batches_per_epoch(image_counts: np.ndarray, batch_size: int) -> int:
@@ -248,7 +268,7 @@ def train(
     log.info("%s on %s: %s%s%s", objective.name, device_name(device), describe(chosen),
              ", torch.compile" if config.compile else "", ", deterministic kernels" if config.deterministic else "")
     torch.manual_seed(config.seed)  # every process starts from the same weights
-    model = student_on(build_student(objective.model_spec), device)
+    model = student_on((objective.build or build_student)(objective.model_spec), device)
     optimizer = make_optimizer(model, config)
     steps_per_epoch = math.ceil(cache.num_images / (config.batch_size * process.world))
     total_steps = steps_per_epoch * config.epochs
@@ -374,11 +394,15 @@ class Run:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             faults.signal_at("step", state.global_step + 1)  # test hook: a signal while this step runs
+            if config.decode == "device":  # the views of this batch, decoded and cut on the device
+                batch = decoding.device_views(batch, self.device, config.image_size)
             terms = train_step(stepped, self.optimizer, objective, batch, anchors, self.device, self.precision,
                                self.scaler)
             running.add(terms["loss"], terms[objective.score_name], len(batch["keys"]))
             state.step_in_epoch += 1
             state.global_step += 1
+            if objective.after_step is not None:  # e.g. BYOL's momentum target
+                objective.after_step(model_of(stepped), state.global_step, self.total_steps)
             progress.update()
             checkpoint = (config.checkpoint_every and state.global_step % config.checkpoint_every == 0
                           and state.step_in_epoch < self.steps_per_epoch)
@@ -454,7 +478,8 @@ def batch_bytes(config: TrainConfig, cache: TeacherCache, objective: Objective) 
     """Bytes of one training batch as the workers ship it: uint8 views, positions and labels,
     targets as stored (float16 per anchor, or top-k float16 values and int32 anchor indices),
     float16 teacher embeddings."""
-    per_image = 3 * config.image_size ** 2 + 8 + 8 + 8  # uint8 pixels, position, label, shard
+    per_image = 3 * config.image_size ** 2 * (2 if objective.needs_pairs else 1) + 8 + 8 + 8  # uint8 pixels,
+    # position, label, shard
     if objective.needs_targets:
         topk = cache.header.topk
         per_image += (2 + 4) * topk if topk else 2 * cache.header.num_anchors
@@ -476,10 +501,12 @@ class TrainLoader:
                  process: distributed.Process, device: torch.device) -> None:
         self.config, self.process = config, process
         self.position = SharedPosition()
+        on_device = config.decode == "device"
         replay = ReplayViews(cache, config.seed, self.position, config.image_size, objective.needs_targets,
-                             objective.needs_embeddings)
+                             objective.needs_embeddings, objective.needs_pairs, on_device)
         dataset = MixedBatches(shards, config.batch_size, replay, replay.context, seed=config.seed,
-                               epoch=self.position, rank=process.rank, world=process.world, mix=config.mix_shards)
+                               epoch=self.position, rank=process.rank, world=process.world, mix=config.mix_shards,
+                               decode=not on_device)
         self.loader = make_loader(dataset, config.workers, pin_memory=device.type == "cuda",
                                   prefetch=config.prefetch, persistent=True)
         check_shared_memory(objective.name, f"--workers {config.workers} --prefetch {config.prefetch} "
@@ -533,6 +560,8 @@ def train_step(
     chosen = precision_ if isinstance(precision_, precision.Precision) else precision.for_device(precision_, device)
     batch = to_device(batch, device)
     pixels = student_input(batch["pixels"], device)  # already there: only the memory format
+    if "pixels_pair" in batch:  # two views of each image: one forward over [first views; second views]
+        pixels = torch.cat([pixels, student_input(batch["pixels_pair"], device)])
     with precision.autocast(chosen, device):
         output = model(pixels)
     terms = objective.loss(output.float(), {**dense_targets(batch, anchors.shape[0]), "anchors": anchors})

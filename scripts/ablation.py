@@ -53,7 +53,7 @@ from pipeline.config import DEFAULT_PARAMS, load_config, override, to_dict
 from pipeline.errors import PipelineError
 from pipeline.student import build_student
 from pipeline.teacher import resolve_device, teacher_identity
-from stages import demo_teacher, distill, precompute, probe, supervised
+from stages import demo_teacher, distill, precompute, probe, ssl, supervised
 
 OUT = Path("data/ablation")
 SCRIPT_DIR = Path(__file__).resolve().parent
@@ -80,6 +80,19 @@ UNITS = {"student_linear_top1": PERCENT + ", linear probe", "student_zeroshot_to
          "student_errors_related": "% of the student's zero-shot errors on a related class (hard world: a twin)",
          "errors_related_chance": "% of errors a uniformly drawn wrong class would put on a related class",
          "teacher_steps": "training steps of the teacher",
+         "simclr_linear_top1": PERCENT + ", linear probe of the SimCLR baseline (same images and epochs)",
+         "byol_linear_top1": PERCENT + ", linear probe of the BYOL baseline (same images and epochs)",
+         "simclr_last_epoch_loss_ratio": "SimCLR's last-epoch loss / the epoch before's (1: flat)",
+         "byol_last_epoch_loss_ratio": "BYOL's last-epoch loss / the epoch before's (1: flat)",
+         "simclr_final_loss": "SimCLR's NT-Xent loss in its last epoch",
+         "byol_final_loss": "BYOL's loss (negative cosine) in its last epoch",
+         **{f"{model}_shifted_linear_top1": "% of the shifted split's images (top-1), linear probe fitted on train"
+            for model in ("teacher", "student", "supervised", "random", "simclr", "byol")},
+         **{f"{model}_shifted_zeroshot_top1": "% of the shifted split's images (top-1), zero-shot"
+            for model in ("teacher", "student")},
+         **{f"{model}_{direction}_r{k}": f"% recall@{k}, {direction.replace('_', ' ')} on the val captions"
+            for model in ("teacher", "student") for direction in ("image_to_text", "text_to_image")
+            for k in (1, 5)},
          "teacher_minutes": "minutes of teacher training (wall clock)"}
 GROUP = "run by scripts/ablation.py"
 
@@ -128,9 +141,11 @@ def row_teacher(overrides: dict[str, object], params: Path) -> dict[str, object]
             "teacher.checkpoint": str(out), "_metrics": json.loads(metrics_path.read_text())}
 
 
-def run_row(name: str, overrides: dict[str, object], params: Path, with_supervised: bool = False) -> dict[str, Any]:
+def run_row(name: str, overrides: dict[str, object], params: Path, with_supervised: bool = False,
+            ssl_methods: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run one row (or reuse its finished run) and return its record; `with_supervised` also trains
-    the supervised reference with the row's train settings and probes it beside the student."""
+    the supervised reference with the row's train settings and probes it beside the student, and
+    `ssl_methods` the SSL baselines (simclr, byol) the same way."""
     row_dir = OUT / slug(name)
     result_path = row_dir / "probe.json"
     teacher = row_teacher(overrides, params)
@@ -153,15 +168,23 @@ def run_row(name: str, overrides: dict[str, object], params: Path, with_supervis
         **stage_changes(overrides, "supervised"), "train.cache": str(cache_path),
         "out": str(row_dir / "supervised.pt"), "run_dir": str(row_dir / "supervised-run"),
         "metrics": str(row_dir / "supervised.json"), "plot": str(row_dir / "supervised.csv")})
+    ssl_configs = {method: override(load_config("ssl", params), {
+        **stage_changes(overrides, "supervised"), "method": method, "train.cache": str(cache_path),
+        "out": str(row_dir / f"{method}.pt"), "run_dir": str(row_dir / f"{method}-run"),
+        "metrics": str(row_dir / f"{method}.json"), "plot": str(row_dir / f"{method}.csv")})
+        for method in ssl_methods}
     probe_config = override(load_config("probe", params), {
         **stage_changes(overrides, "probe"), "cache": str(cache_path),
         "student": str(row_dir / "student.pt"), "supervised": supervised_config.out if with_supervised else "",
+        "baselines": ",".join(f"{method}={config.out}" for method, config in ssl_configs.items()),
         "out": str(result_path), "plots": str(row_dir), "distill_csv": str(row_dir / "distill.csv")})
     # A finished row is reused only while its resolved settings (and so its cache) are the same:
     # after a change of params.yaml's defaults the row runs again.
     stamp = {"distill": to_dict(distill_config), "probe": to_dict(probe_config)}
     if with_supervised:
         stamp["supervised"] = to_dict(supervised_config)
+    for method, config in ssl_configs.items():
+        stamp[method] = to_dict(config)
     stamp = json.loads(json.dumps(stamp))
     stamp_path = row_dir / "settings.json"
     if not (result_path.is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp):
@@ -169,6 +192,8 @@ def run_row(name: str, overrides: dict[str, object], params: Path, with_supervis
         distill.run(distill_config)
         if with_supervised:
             supervised.run(supervised_config)
+        for config in ssl_configs.values():
+            ssl.run(config)
         probe.run(probe_config)
         write_json(stamp_path, stamp)
     header = TeacherCache(cache_path).header
@@ -189,6 +214,12 @@ def run_row(name: str, overrides: dict[str, object], params: Path, with_supervis
                "distill": distill_config, "probe": probe_config}
     if with_supervised:
         figures["supervised_linear_top1"] = percent(metrics["supervised"]["linear_top1"])
+    for method, config in ssl_configs.items():
+        trained = json.loads(Path(config.metrics).read_text())
+        figures.update({f"{method}_linear_top1": percent(metrics[method]["linear_top1"]),
+                        f"{method}_final_loss": round(trained["final_loss"], 4),
+                        f"{method}_last_epoch_loss_ratio": round(trained["last_epoch_loss_ratio"], 4)})
+    figures.update(shift_and_retrieval(metrics))
     if teacher_metrics is not None:
         configs["demo_teacher"] = override(load_config("demo_teacher", params),
                                            stage_changes(overrides, "demo_teacher"))
@@ -204,6 +235,21 @@ def run_row(name: str, overrides: dict[str, object], params: Path, with_supervis
         "commit": code_version(),
         "measured": date.fromtimestamp(result_path.stat().st_mtime).isoformat(),
     }
+
+
+def shift_and_retrieval(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The shifted split's accuracy of every model and the val-caption retrieval of teacher and
+    student, where probe measured them (shards with a shifted split; val shards with captions)."""
+    figures = {}
+    for model, row in metrics.items():
+        name = "random" if model == "random_init" else model
+        for key in ("shifted_linear_top1", "shifted_zeroshot_top1"):
+            if key in row:
+                figures[f"{name}_{key}"] = percent(row[key])
+        for key, value in row.items():
+            if key.startswith("retrieval_"):
+                figures[f"{name}_{key.removeprefix('retrieval_')}"] = percent(value)
+    return figures
 
 
 def related_errors(path: Path) -> dict[str, float]:
@@ -332,6 +378,8 @@ def main() -> None:
                         help="the study file the rows' records go to (created if absent); its page is re-rendered")
     parser.add_argument("--supervised", action="store_true",
                         help="also train the supervised reference of every row (its train settings) and probe it")
+    parser.add_argument("--ssl", nargs="*", default=[], choices=("simclr", "byol"),
+                        help="also train these SSL baselines of every row (its train settings) and probe them")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     rows = yaml.safe_load(Path(args.rows_file).read_text())
@@ -345,7 +393,7 @@ def main() -> None:
     records = []
     try:
         for name, overrides in chosen.items():
-            record = {**run_row(name, overrides, Path(args.params), args.supervised),
+            record = {**run_row(name, overrides, Path(args.params), args.supervised, tuple(args.ssl)),
                       "source": f"scripts/ablation.py --rows-file {args.rows_file}"}
             results.update_study(study, [record], new_study)  # each finished row is on record at once
             records.append(record)

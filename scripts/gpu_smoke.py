@@ -265,6 +265,23 @@ class Smoke:
             self.figures["precompute_images_per_second"] = metrics["images_per_second"]
             record["result"] = f"ok: {metrics['images']} images, {metrics['images_per_second']:.0f} images/s"
 
+    def decode_on_device(self) -> None:
+        """precompute and distill with --decode device: on a GPU the one nvjpeg call (batched
+        decode_jpeg on cuda); on the CPU the cache must be the CPU-decoded one, bit for bit."""
+        out = self.work / "cache-decode-device" / "teacher.h5"
+        with self.step("decode_device", f"precompute and 1 epoch of distill with --decode device on {self.device}") \
+                as record:
+            self.command("precompute_decode_device", [*self.precompute_args(out), "--decode", "device"])
+            different = cache_differences(self.cache, out)
+            if different and self.device == "cpu":
+                raise Failure(f"{out} differs from the CPU-decoded {self.cache} in: {', '.join(different[:6])}")
+            self.command("distill_decode_device", self.distill_args("distill-decode-device", decode="device",
+                                                                    epochs=1))
+            last = last_epoch(self.work / "distill-decode-device" / "plot.csv")
+            record["result"] = ("ok: the same cache as --decode cpu" if not different else
+                                f"ok: nvjpeg's cache differs from libjpeg-turbo's in {', '.join(different[:3])}")
+            record["result"] += f"; distill {last['images_per_second']:.0f} images/s"
+
     def distill_args(self, name: str, **changes: Any) -> list[str]:
         out = self.work / name
         return ["distill", *options({**self.train_options(), "out": out / "student.pt", "run_dir": out / "run",
@@ -342,7 +359,7 @@ class Smoke:
             self.command("bench", ["bench", *options({
                 **self.train_options(), "steps": f.bench_steps, "warmup_steps": f.warmup_steps, "views": f.bench_views,
                 "precompute_shards": f.train_images // f.images_per_shard, "topk": 16, "random_teacher": False,
-                "measure_rss": False, "json": out, **self.teacher})])
+                "measure_rss": False, "data_path_images": 8, "json": out, **self.teacher})])
             result = json.loads(out.read_text())
             self.ratios["precompute_over_teacher"] = result["precompute_over_teacher"]
             self.figures.update({f"bench_{key}": result[key] for key in (
@@ -711,6 +728,7 @@ def run(smoke: Smoke) -> None:
     smoke.make_teacher()
     smoke.precompute()
     smoke.distill()
+    smoke.decode_on_device()
     smoke.probe()
     smoke.predict()
     smoke.export()

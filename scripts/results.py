@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -304,13 +305,24 @@ def generated_pages(root: Path) -> dict[Path, str]:
 
 
 def expected_readme(root: Path) -> str:
-    """README.md with its demo table regenerated from metrics/probe.json."""
+    """README.md with its demo table regenerated from metrics/probe.json, and each study block
+    (`<!-- results:study:NAME -->` ... `<!-- /results:study:NAME -->`) from docs/results/NAME.json."""
     probe, readme = root / PROBE_METRICS, root / PROJECT_README
     if not probe.is_file():
         raise ResultsError(f"{PROBE_METRICS}: missing, so README.md's demo table cannot be generated; run the demo "
                            f"(`make demo`) and commit {PROBE_METRICS}")
     text = readme.read_text()
-    return replace_block(text, render_probe_table(json.loads(probe.read_text())), str(PROJECT_README))
+    text = replace_block(text, render_probe_table(json.loads(probe.read_text())), str(PROJECT_README))
+    for name in re.findall(r"<!-- results:study:([\w-]+) -->", text):
+        start, end = f"<!-- results:study:{name} -->", f"<!-- /results:study:{name} -->"
+        if text.count(end) != 1 or text.index(end) < text.index(start):
+            raise ResultsError(f"{PROJECT_README}: `{start}` has no `{end}` after it")
+        path = root / RESULTS / f"{name}.json"
+        if not path.is_file():
+            raise ResultsError(f"{PROJECT_README}: block `{start}` names {path}, which does not exist")
+        block = "\n".join(study_table(load_study(path)))
+        text = text[:text.index(start) + len(start)] + "\n" + block + "\n" + text[text.index(end):]
+    return text
 
 
 def stale_pages(root: Path, expected: dict[Path, str]) -> list[Path]:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from pipeline import distributed, precision
+from pipeline import datapath, distributed, precision
 from pipeline.atomic import write_json
 from pipeline.cache import TeacherCache, replicate_views
 from pipeline.config import BenchConfig, PrecomputeConfig, write_resolved
@@ -250,7 +250,8 @@ def measure_precompute(config: BenchConfig, work: Path, device: torch.device) ->
     base = PrecomputeConfig(
         shards=str(subset), out="", views=config.views, crop_scale=CROP_SCALE, crop_ratio=CROP_RATIO, flip=True,
         seed=0, topk=0, store_embeddings=False, batch_size=precompute_batch_size(config), workers=config.train.workers,
-        device=str(device), precision="bf16", metrics="", teacher=config.teacher, prompts=config.prompts)
+        device=str(device), precision="bf16", metrics="", teacher=config.teacher, prompts=config.prompts,
+        decode=config.train.decode)
     results = {}
     for name, topk in (("full", 0), ("topk", config.topk)):
         out = work / f"{name}.h5"
@@ -397,12 +398,35 @@ def run(config: BenchConfig) -> dict[str, Any]:
             "read_per_used_byte_1x": rss["1x"]["read_per_used"],
             "read_per_used_byte_8x": rss["8x"]["read_per_used"],
         })
+    if config.data_path_images:
+        result["data_path"] = measure_data_path(config)
     result["seconds"] = round(time.perf_counter() - started, 1)
     print_table(result)
     if config.json:
         write_json(config.json, result)
         write_resolved(config, Path(config.json).with_suffix(".config.json"))
     return result
+
+
+def measure_data_path(config: BenchConfig) -> dict[str, Any]:
+    """The data path alone, per core (pipeline/datapath.py): full-size ImageNet-like JPEGs, then
+    each pre-sized longer side; precompute's reader at the views and resolution of `--views` and
+    `--data-path-size`, distill's at one view."""
+    log.info("data path: %d ImageNet-sized JPEGs, one thread, no model", config.data_path_images)
+    try:
+        sides = [int(side) for side in config.data_path_max_sides.split(",") if side.strip()]
+    except ValueError:
+        raise PipelineError(f"option --data-path-max-sides {config.data_path_max_sides}: expected whole numbers "
+                            f"separated by commas, e.g. 256,320,512") from None
+    sizes = {"full": 0, **{f"max_side_{side}": side for side in sides}}
+    measured = {name: datapath.measure(config.data_path_images, config.data_path_size, config.data_path_size,
+                                       config.views, config.train.batch_size, side)
+                for name, side in sizes.items()}
+    full = measured["full"]["ms_per_image"]["decode"]
+    for name in sizes:
+        if name != "full":  # how much faster a pre-sized JPEG decodes, in this run
+            measured[name]["decode_speedup"] = full / measured[name]["ms_per_image"]["decode"]
+    return measured
 
 
 def print_table(r: dict[str, Any]) -> None:
@@ -433,4 +457,24 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"  precompute_over_teacher  {r['precompute_over_teacher']:.3f}   (precompute / bare teacher, views/s)")
     if "rss_growth_8x" in r:
         print(f"  rss_growth_8x            {r['rss_growth_8x']:.3f}   (peak RSS 8x / 1x - 1)")
+    if "data_path" in r:
+        print_data_path(r["data_path"])
     print()
+
+
+def print_data_path(measured: dict[str, dict[str, Any]]) -> None:
+    """The data path table: ms per image per part, one thread, and images/s per core per reader."""
+    first = measured["full"]
+    print(f"data path alone, one core: ImageNet-sized JPEGs ({first['jpeg_size'][0]} x {first['jpeg_size'][1]}, "
+          f"quality {first['jpeg_quality']}), views at {first['image_size']} px, {first['views']} views in precompute")
+    print(f"  {'JPEGs':<16} {'read':>6} {'decode':>7} {'view':>6} {'collate':>8} {'distill/core':>13} "
+          f"{'precompute/core':>16} {'main proc':>10}")
+    for name, m in measured.items():
+        ms = m["ms_per_image"]
+        label = "full size" if name == "full" else f"max side {m['max_side']}"
+        print(f"  {label:<16} {ms['read']:>6.2f} {ms['decode']:>7.2f} {ms['student_view']:>6.2f} "
+              f"{ms['collate_student']:>8.3f} {m['distill_images_per_second_per_core']:>9.0f} i/s "
+              f"{m['precompute_images_per_second_per_core']:>12.0f} i/s {ms['main_process']:>7.2f} ms")
+    for name, m in measured.items():
+        if "decode_speedup" in m:
+            print(f"  decode_speedup_{name:<12} {m['decode_speedup']:.3f}   (full-size decode / pre-sized decode)")

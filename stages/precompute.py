@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import io
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,8 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
-from pipeline import cache, distributed, faults, precision, preemption
+from pipeline import cache, decoding, distributed, faults, precision, preemption
 from pipeline.atomic import OutputLock, write_json
 from pipeline.config import PrecomputeConfig, write_resolved
 from pipeline.errors import PipelineError
@@ -60,11 +62,26 @@ class ViewRenderer:
 
     def __call__(self, sample: Sample, _: Any) -> dict[str, torch.Tensor]:
         c = self.config
-        _, height, width = sample.image.shape
+        if sample.image is None:  # `--decode device`: the size from the JPEG's header, the views on the device
+            width, height = encoded_size(sample.jpeg)
+        else:
+            _, height, width = sample.image.shape
         params = sample_view_params(view_rng(c.seed, sample.shard, sample.position), c.views,
                                     width, height, c.crop_scale, c.crop_ratio, c.flip)
+        if sample.image is None:
+            return {"params": torch.from_numpy(params), decoding.BYTES: decoding.encoded(sample.jpeg)}
         views = torch.stack([apply_view(sample.image, p, self.size) for p in params])
         return {"params": torch.from_numpy(params), "views": views}
+
+
+def encoded_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of an encoded image from its header (no decode); (1, 1) when unreadable (the
+    device's decode then finds the sample corrupt and drops it)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except Exception:  # noqa: BLE001 - any unreadable header: left to the decoder to report
+        return 1, 1
 
 
 def check_options(config: PrecomputeConfig) -> None:
@@ -326,7 +343,7 @@ def encode_shards(
     if not todo:
         return 0
     dataset = ShardBatches(shards, images_per_batch(config), ViewRenderer(config, teacher.image_size),
-                           shard_indices=todo)
+                           shard_indices=todo, decode=config.decode == "cpu")
     anchors_t = anchors.to(teacher.device).T
     buffers: dict[int, dict[str, list]] = {}
     progress = Progress(sample_count([shards[s] for s in todo]), "precompute", "img")
@@ -364,6 +381,8 @@ def encode_shards(
 def encode_batch(config: PrecomputeConfig, teacher, anchors_t: torch.Tensor, batch: dict[str, Any],
                  buffer: dict[str, list], shard: Path) -> int:
     """Encode a batch's views and add them to its shard's `buffer`; returns its image count."""
+    if config.decode == "device":  # decoded and cut on the teacher's device (pipeline.decoding)
+        batch = decoding.device_views(batch, teacher.device, teacher.image_size, views_from="params")
     buffer["corrupt"].extend(batch["corrupt"])
     if not batch["keys"]:
         return 0

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from pipeline import confusion, distributed
+from pipeline import confusion, distributed, retrieval
 from pipeline.atomic import atomic_path, write_json
 from pipeline.cache import TeacherCache
 from pipeline.config import ProbeConfig, write_resolved
@@ -83,6 +83,19 @@ def backbone_and_embedding_encoders(model: Student, device: torch.device, precis
     return features, embeddings
 
 
+def parse_baselines(text: str) -> dict[str, str]:
+    """`--baselines simclr=a.pt,byol=b.pt` as {name: checkpoint}; a malformed or clashing entry is an error."""
+    baselines: dict[str, str] = {}
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        name, _, path = entry.partition("=")
+        name, path = name.strip(), path.strip()
+        if not name or not path or name in (*ROWS, "student_embedding") or name in baselines:
+            raise PipelineError(f"option --baselines: '{entry}' is not NAME=CHECKPOINT with a new name "
+                                f"(not one of {', '.join(ROWS)}); e.g. --baselines simclr=data/models/simclr.pt")
+        baselines[name] = path
+    return baselines
+
+
 def random_init_like(checkpoint: dict[str, Any]) -> Student:
     """The distilled student's architecture, initialised as distill initialised it (same seed)."""
     torch.manual_seed(int(checkpoint["params"]["train"]["seed"]))
@@ -100,22 +113,26 @@ def run(config: ProbeConfig) -> dict[str, Any]:
     cache = TeacherCache(config.cache)
     classes = read_classes(config.shards)
     num_classes = len(classes)
-    train, val, zero_shot = features_and_zero_shot(config, cache, classes, device)
+    train, val, shifted, zero_shot = features_and_zero_shot(config, cache, classes, device)
     if device.type == "cuda":  # the models are gone: give their memory to the fits
         torch.cuda.empty_cache()
 
     metrics: dict[str, dict[str, float]] = {}
-    names = [name for name in (*ROWS, "student_embedding") if name in train.features]
+    names = [name for name in (*ROWS, *parse_baselines(config.baselines), "student_embedding")
+             if name in train.features]
     progress = Progress(len(names) * (len(DEFAULT_WEIGHT_DECAYS) + 1), "probe fits", "fit")
     for name in names:  # one model at a time; its features are freed after its fit
         progress.set_postfix(model=name)
+        also = {"shifted": (shifted.features.pop(name), shifted.labels)} if shifted is not None else None
         result = linear_probe(train.features.pop(name), train.labels, val.features.pop(name), val.labels,
                               num_classes, holdout_fraction=config.holdout_fraction, seed=config.seed,
-                              device=device, progress=progress)
+                              device=device, progress=progress, also=also)
         if name == "student_embedding":  # the projected embedding, beside the pooled features
             metrics["student"].update(linear_top1_embedding=result.top1, linear_top5_embedding=result.top5)
         else:
             metrics[name] = {"linear_top1": result.top1, "linear_top5": result.top5}
+            if shifted is not None:
+                metrics[name]["shifted_linear_top1"] = result.also_top1["shifted"]
         log.info("%s: linear top-1 %.3f (weight decay %.1e)", name, result.top1, result.weight_decay)
     progress.close()
     for name, row in zero_shot.items():
@@ -138,9 +155,16 @@ class SplitFeatures:
     labels: torch.Tensor
 
 
+def shard_split(directory: str, split: str) -> list[Path]:
+    """An optional split's shards (the demo's `shifted`): none when the directory has none."""
+    return sorted(Path(directory).glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+
+
 def features_and_zero_shot(config: ProbeConfig, cache: TeacherCache, classes: list[ClassInfo],
-                           device: torch.device) -> tuple[SplitFeatures, SplitFeatures, dict[str, dict[str, float]]]:
-    """Every model's train and val features (one pass over the images) and the zero-shot metrics.
+                           device: torch.device) -> tuple[SplitFeatures, SplitFeatures, SplitFeatures | None,
+                                                          dict[str, dict[str, float]]]:
+    """Every model's train, val and (when the shards have it) shifted features, one pass over the
+    images, and the zero-shot and retrieval metrics.
 
     The models live only in here, so their memory is free for the fits once it returns. Logs the
     memory budget of the probe first.
@@ -153,10 +177,14 @@ def features_and_zero_shot(config: ProbeConfig, cache: TeacherCache, classes: li
     backbones = {"student": student, "random_init": random_init_like(checkpoint)}
     if config.supervised:
         backbones["supervised"] = load_student(config.supervised)[0]
+    sizes = dict.fromkeys(backbones, size)
+    for name, path in parse_baselines(config.baselines).items():  # e.g. the SSL baselines, each at its resolution
+        backbones[name], baseline = load_student(path)
+        sizes[name] = int(baseline["image_size"])
     student_features, student_embeddings = backbone_and_embedding_encoders(student, device, config.precision)
     # the student first: its embedding row (last) reuses this backbone pass
     encoders = {"student": (size, student_features)}
-    encoders.update({name: (size, backbone_encoder(model, device, config.precision))
+    encoders.update({name: (sizes[name], backbone_encoder(model, device, config.precision))
                      for name, model in backbones.items() if name != "student"})
     encoders["teacher"] = (teacher.image_size, teacher.encode_image)
     encoders["student_embedding"] = (size, student_embeddings)
@@ -183,9 +211,14 @@ def features_and_zero_shot(config: ProbeConfig, cache: TeacherCache, classes: li
     pinned = device.type == "cuda"  # the encoders copy each batch to the GPU: from pinned memory, asynchronously
     train = SplitFeatures(*extract_features(train_shards, encoders, config.batch_size, config.workers,
                                             "probe train", FEATURE_DTYPE, pin_memory=pinned)[:2])
+    captions: list[str | None] = []
     val = SplitFeatures(*extract_features(val_shards, encoders, config.batch_size, config.workers,
-                                          "probe val", FEATURE_DTYPE, pin_memory=pinned)[:2])
-    if (train.labels < 0).any() or (val.labels < 0).any():
+                                          "probe val", FEATURE_DTYPE, pin_memory=pinned, captions=captions)[:2])
+    shifted = None
+    if shifted_shards := shard_split(config.shards, "shifted"):  # the demo's distribution-shift split
+        shifted = SplitFeatures(*extract_features(shifted_shards, encoders, config.batch_size, config.workers,
+                                                  "probe shifted", FEATURE_DTYPE, pin_memory=pinned)[:2])
+    if (train.labels < 0).any() or (val.labels < 0).any() or (shifted is not None and (shifted.labels < 0).any()):
         raise PipelineError(f"{config.shards}: the probe needs labelled train and val shards")
     if num_train is None or num_val is None:  # no manifest: the budget from what was extracted
         log_budget(len(train.labels), len(val.labels))
@@ -194,10 +227,13 @@ def features_and_zero_shot(config: ProbeConfig, cache: TeacherCache, classes: li
     anchors, anchor_classes = cache.anchors(), cache.anchor_classes()
     related = confusion.related_classes(config.shards)
     confusions = {}
-    for name, features in (("teacher", val.features["teacher"]),
-                           ("student", val.features["student_embedding"])):
+    for name, embedding in (("teacher", "teacher"), ("student", "student_embedding")):
+        features = val.features[embedding]
         top1, top5, predicted = zero_shot_accuracy(features, val.labels, anchors, anchor_classes, num_classes)
         zero_shot[name] = {"zeroshot_top1": top1, "zeroshot_top5": top5}
+        if shifted is not None:
+            zero_shot[name]["shifted_zeroshot_top1"] = zero_shot_accuracy(
+                shifted.features[embedding], shifted.labels, anchors, anchor_classes, num_classes)[0]
         confusions[name] = confusion.summarize(confusion.confusion_matrix(predicted, val.labels, num_classes),
                                                confusion.display_names(classes), related)
         log.info("%s", confusion.describe(f"{name} zero-shot", confusions[name]))
@@ -215,7 +251,16 @@ def features_and_zero_shot(config: ProbeConfig, cache: TeacherCache, classes: li
         top1, _, _ = zero_shot_accuracy(val.features["teacher"], val.labels, set_anchors,
                                      torch.arange(num_classes), num_classes)
         zero_shot["teacher"][f"zeroshot_top1_{prompt_set}"] = top1
-    return train, val, zero_shot
+    if captions and all(caption is not None for caption in captions):  # retrieval on the val captions
+        texts, text_of_image = retrieval.distinct(captions)
+        text_embeddings = encode_prompts(teacher, texts, prompt_store(config.cache), "val captions")
+        for name, embedding in (("teacher", "teacher"), ("student", "student_embedding")):
+            recall = retrieval.recall_at_k(val.features[embedding], text_embeddings, text_of_image)
+            zero_shot[name].update({f"retrieval_{key}": value for key, value in recall.items()})
+        log.info("retrieval on %d val images and their %d distinct captions: teacher image->text R@1 %.3f, "
+                 "student %.3f", len(captions), len(texts), zero_shot["teacher"]["retrieval_image_to_text_r1"],
+                 zero_shot["student"]["retrieval_image_to_text_r1"])
+    return train, val, shifted, zero_shot
 
 
 def zero_shot_accuracy(features: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor,
@@ -262,17 +307,21 @@ def print_table(metrics: dict[str, dict[str, float]]) -> None:
     print()
     print(f"{'model':<13} {'linear top-1':>12} {'linear top-5':>12} {'zero-shot top-1':>15} "
           f"{'zero-shot top-5':>15}")
-    for name in ROWS:
-        if name in metrics:
-            row = metrics[name]
-            print(f"{name:<13} {cell(row, 'linear_top1'):>12} {cell(row, 'linear_top5'):>12} "
-                  f"{cell(row, 'zeroshot_top1'):>15} {cell(row, 'zeroshot_top5'):>15}")
+    for name in table_rows(metrics):
+        row = metrics[name]
+        print(f"{name:<13} {cell(row, 'linear_top1'):>12} {cell(row, 'linear_top5'):>12} "
+              f"{cell(row, 'zeroshot_top1'):>15} {cell(row, 'zeroshot_top5'):>15}")
     if "teacher" in metrics and "student" in metrics:
         t, s = metrics["teacher"], metrics["student"]
         ratio = s["zeroshot_top1"] / t["zeroshot_top1"] if t["zeroshot_top1"] else float("nan")
         print(f"student - teacher linear top-1: {100 * (s['linear_top1'] - t['linear_top1']):+.1f} points; "
               f"student / teacher zero-shot top-1: {ratio:.2f}")
     print()
+
+
+def table_rows(metrics: dict[str, dict[str, float]]) -> list[str]:
+    """The models of a probe's metrics in table order: ROWS, then the baselines as given."""
+    return [name for name in ROWS if name in metrics] + [name for name in metrics if name not in ROWS]
 
 
 def plot_bars(metrics: dict[str, dict[str, float]], path: Path) -> None:
@@ -282,7 +331,7 @@ def plot_bars(metrics: dict[str, dict[str, float]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    names = [n for n in ROWS if n in metrics]
+    names = table_rows(metrics)
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.38
     for offset, key, label in ((-width / 2, "linear_top1", "linear probe top-1"),

@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 REENCODE_QUALITY = 95
+# `--max-side`: images larger than that are resized once (Lanczos) and re-encoded at this quality,
+# FFCV's default for its pre-sized ImageNet.
+PRESIZED_QUALITY = 90
 # ImageNet's val labels: Kaggle's CSV header, and the devkit file that maps class ids to wnids.
 LOC_HEADER = "ImageId,PredictionString"
 DEVKIT_META = "meta.mat"
@@ -121,7 +124,9 @@ def write_demo(config: ShardsConfig, out: Path) -> dict[str, Any]:
     write_classes(out, [ClassInfo(c.index, c.id, c.name, demo_world.demo_contexts(c))
                         for c in demo_world.demo_classes(world)])
     splits = {}
-    for split, count in (("train", config.train), ("val", config.val)):
+    for split, count in (("train", config.train), ("val", config.val), ("shifted", config.shifted)):
+        if count == 0:  # the shifted split is optional
+            continue
         jobs = [(config.seed, split, i, config.image_size, config.caption_noise, count, world.name)
                 for i in range(count)]
         records = parallel_map(demo_record, jobs, config.workers, f"demo {split}")
@@ -188,13 +193,29 @@ def in_val(relative: Path, fraction: float) -> bool:
     return value < fraction
 
 
-def folder_record(job: tuple[str, str, int]) -> ShardRecord | dict[str, str]:
-    """The shard record of one file, or a skip entry {path, reason} if it is not a readable image."""
-    path, key, label = job
+def presized(image: Image.Image, max_side: int) -> bytes | None:
+    """`image` resized so its longer side is `max_side` (Lanczos) as JPEG bytes at
+    PRESIZED_QUALITY; None when it is no larger (it is stored as it is)."""
+    if not max_side or max(image.size) <= max_side:
+        return None
+    scale = max_side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    buffer = io.BytesIO()
+    to_rgb(image).resize(size, Image.Resampling.LANCZOS).save(buffer, format="JPEG", quality=PRESIZED_QUALITY)
+    return buffer.getvalue()
+
+
+def folder_record(job: tuple[str, str, int, int]) -> ShardRecord | dict[str, str]:
+    """The shard record of one file (pre-sized to a longer side of job's max_side when it is
+    larger), or a skip entry {path, reason} if it is not a readable image."""
+    path, key, label, max_side = job
     try:
         data = Path(path).read_bytes()
         with Image.open(io.BytesIO(data)) as image:
             image.load()
+            smaller = presized(image, max_side)
+            if smaller is not None:
+                return ShardRecord(key, smaller, label)
             if image.format == "JPEG" and image.mode in ("RGB", "L"):
                 return ShardRecord(key, data, label)  # kept byte for byte (CMYK JPEGs are re-encoded as RGB)
             buffer = io.BytesIO()
@@ -256,14 +277,14 @@ def write_folder(config: ShardsConfig, out: Path) -> dict[str, Any]:
     write_classes(out, folder_class_info(folders))
     splits = {}
     for split, (base, files) in sources.items():
-        jobs = [(str(base / rel), sample_key(rel), label) for rel, label in shuffled_by_key(files)]
+        jobs = [(str(base / rel), sample_key(rel), label, config.max_side) for rel, label in shuffled_by_key(files)]
         results = parallel_map(folder_record, jobs, config.workers, f"folder {split}")
         splits[split] = write_split(out, split, keep_records(results, skipped), config.max_per_shard)
     if skipped:
         log.warning("skipped %d file(s); see %s", len(skipped), out / MANIFEST_FILE)
     return {"source": "folder", "root": str(root), "val_root": config.val_root,
             "val_labels": config.val_labels, "val_fraction": config.val_fraction, "classes": len(folders),
-            "splits": splits, "skipped": skipped}
+            "max_side": config.max_side, "splits": splits, "skipped": skipped}
 
 
 def keep_records(results: Iterable, skipped: list[dict]) -> Iterator[ShardRecord]:

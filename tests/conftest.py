@@ -31,6 +31,23 @@ def pytest_sessionstart(session):
                     f"{free:.1f} GB are; free some space or point --basetemp at a larger disk", returncode=2)
 
 
+def pytest_collection_modifyitems(config, items):
+    """`make test` is the quick suite: the tests marked slow (a minute or so each: multi-process, end to
+    end, the GPU smoke script's CPU form) are deselected unless CSM_TESTS=all, which CI sets."""
+    if os.environ.get("CSM_TESTS") == "all":
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
+def pytest_report_header(config):
+    if os.environ.get("CSM_TESTS") != "all":
+        return "the quick suite: tests marked slow are left out (CSM_TESTS=all runs them, as CI does)"
+    return "the whole suite (CSM_TESTS=all)"
+
+
 def stage_config(stage: str, **changes):
     """The stage's config from params.yaml with dotted-key changes, e.g. {"train.epochs": 1}."""
     return override(load_config(stage, PARAMS), {k.replace("__", "."): v for k, v in changes.items()})

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 import yaml
 
@@ -37,6 +38,7 @@ def run_ablation(tmp_path, rows: dict, json_name: str, timeout: int = 600,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
 
 
+@pytest.mark.slow
 def test_two_rows_run_and_share_nothing_they_should_not(demo_shards, tiny_teacher, tmp_path):
     write_tiny_params(tmp_path, demo_shards, tiny_teacher, views=2)
     rows = {"baseline": {}, "top-1 targets": {"precompute.topk": 1}}
@@ -66,6 +68,7 @@ def test_two_rows_run_and_share_nothing_they_should_not(demo_shards, tiny_teache
     assert changed.returncode == 0 and "distill epoch 1" in changed.stderr and "precompute" not in changed.stderr
 
 
+@pytest.mark.slow
 def test_teacher_rows_pre_train_their_own_teacher_and_report_it(demo_shards, tiny_teacher, tmp_path):
     write_tiny_params(tmp_path, demo_shards, tiny_teacher, views=1)
     rows = {"clip": {"demo_teacher.objective": "clip"},

@@ -16,6 +16,7 @@ KEYS = {"cached_over_plain", "online_over_cached_time", "precompute_over_teacher
         "bytes_per_view_full", "bytes_per_view_topk"}
 
 
+@pytest.mark.slow
 def test_bench_reports_every_ratio(demo_shards, tiny_teacher, tmp_path, capsys):
     cache = tmp_path / "teacher.h5"
     precompute.run(precompute_config(demo_shards, cache, tiny_teacher))
@@ -24,7 +25,7 @@ def test_bench_reports_every_ratio(demo_shards, tiny_teacher, tmp_path, capsys):
     result = bench.run(stage_config(
         "bench", train__shards=str(demo_shards), train__cache=str(cache), train__image_size=32,
         train__batch_size=16, steps=2, warmup_steps=1, train__workers=1, topk=4, views=2, precompute_shards=1,
-        json=str(out),
+        json=str(out), data_path_images=4, data_path_size=32, data_path_max_sides="320",
         **{"teacher.config": str(config), "teacher.checkpoint": str(weights)}))
     written = json.loads(out.read_text())
     assert KEYS <= set(written) and written == json.loads(json.dumps(result))
@@ -34,6 +35,12 @@ def test_bench_reports_every_ratio(demo_shards, tiny_teacher, tmp_path, capsys):
          "steps": 2, "topk": 4}
     # precompute end to end decodes, renders and writes around the teacher's forward: it cannot be faster
     assert written["precompute_over_teacher"] < 1
+    # the data path alone, full-size JPEGs and pre-sized to 320
+    assert set(written["data_path"]) == {"full", "max_side_320"}
+    assert written["data_path"]["max_side_320"]["decoded_size"] == [240, 320]
+    assert written["data_path"]["max_side_320"]["decode_speedup"] == (
+        written["data_path"]["full"]["ms_per_image"]["decode"] / written["data_path"]["max_side_320"]["ms_per_image"]
+        ["decode"])
     # (e) exactly the layout's bytes per view (48 anchors, 2 views; a key counts as its 16-byte heap reference)
     assert written["bytes_per_view_full"] == stored_bytes_per_view(48, 2, key_bytes=16)
     assert written["bytes_per_view_topk"] == stored_bytes_per_view(48, 2, topk=4, key_bytes=16)
@@ -91,3 +98,24 @@ def test_bare_teacher_is_timed_on_uint8_views_made_once_on_its_device(tiny_teach
     assert len(seen) >= 2 and all(views is seen[0] for views in seen)
     assert seen[0].dtype == torch.uint8 and seen[0].device == teacher.device
     assert seen[0].shape == (bench.precompute_batch_size(config), 3, 32, 32)
+
+
+def test_the_data_path_is_timed_per_part_and_its_rates_are_what_the_parts_add_up_to():
+    from pipeline import datapath
+    from pipeline.shards import decode_rgb
+
+    full = datapath.measure(images=4, image_size=32, teacher_size=48, views=3, batch_size=2, repeats=1)
+    small = datapath.measure(images=4, image_size=32, teacher_size=48, views=3, batch_size=2, repeats=1,
+                             max_side=200)
+    assert full["decoded_size"] == [375, 500] and small["decoded_size"] == [150, 200]
+    assert decode_rgb(datapath.imagenet_like_jpeg(0)).shape == (3, 375, 500)
+    assert datapath.imagenet_like_jpeg(3) == datapath.imagenet_like_jpeg(3)  # deterministic
+    for m in (full, small):
+        ms = m["ms_per_image"]
+        assert all(value > 0 for value in ms.values())
+        distill = ms["read"] + ms["decode"] + ms["student_view"] + ms["collate_student"]
+        precompute = ms["read"] + ms["decode"] + ms["teacher_views"] + ms["collate_teacher"]
+        assert abs(m["distill_images_per_second_per_core"] - 1000 / distill) < 1e-6
+        assert abs(m["precompute_images_per_second_per_core"] - 1000 / precompute) < 1e-6
+    assert small["jpeg_bytes"] < full["jpeg_bytes"] / 2  # 200 x 150 holds a sixth of the pixels
+    assert datapath.cores_per_gpu(3000, 600) == 5

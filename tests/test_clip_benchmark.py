@@ -77,7 +77,7 @@ def test_the_datasets_are_laid_out_as_clip_benchmark_reads_them(checked, tiny_ru
 def test_clip_benchmark_zero_shot_is_probes_own_on_the_same_split(checked, tiny_run):
     config, figures = checked
     zero_shot = probe.features_and_zero_shot(config.probe, TeacherCache(config.probe.cache),
-                                             read_classes(config.probe.shards), torch.device("cpu"))[2]
+                                             read_classes(config.probe.shards), torch.device("cpu"))[3]
     theirs = {"teacher": zero_shot["teacher"]["zeroshot_top1_cpa"], "student": zero_shot["student"]["zeroshot_top1"]}
     assert zero_shot["teacher"]["zeroshot_top1"] == theirs["teacher"]  # the cache holds the CPA class anchors
     for name in check.MODELS:

@@ -62,7 +62,7 @@ def test_unknown_and_missing_keys_are_errors(tmp_path):
 
 # The command that reads each params section (a nested section through a stage that uses it).
 COMMAND_OF = {"shards": "shards", "demo_teacher": "demo-teacher", "precompute": "precompute", "distill": "distill",
-              "supervised": "supervised", "probe": "probe", "bench": "bench", "train": "distill",
+              "supervised": "supervised", "ssl": "ssl", "probe": "probe", "bench": "bench", "train": "distill",
               "teacher": "precompute", "prompts": "precompute"}
 WRONG_TYPE = {str: [1, 2], int: "many", float: "much", bool: "yes"}
 

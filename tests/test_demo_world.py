@@ -131,3 +131,21 @@ def test_the_hard_world_has_twins_distractors_and_partial_captions():
     assert 0.75 < len(named) / len(samples) < 0.95
     pixels, _ = demo_world.make_image(0, "val", 3, world=hard)
     assert pixels.shape == (64, 64, 3)
+
+
+def test_the_shifted_split_draws_outlines_on_backgrounds_no_other_split_has():
+    """The shifted split (`shards --shifted N`): the same classes, each object its outline only, on
+    the backgrounds of SHIFTED_BACKGROUNDS; image i of val and of shifted are different draws."""
+    from pipeline.demo_world import BACKGROUND_KINDS, HARD, SHIFTED_BACKGROUNDS, make_image, shape_mask
+
+    filled, hollow = [], []
+    for i in range(40):
+        for split, kept in (("val", filled), ("shifted", hollow)):
+            pixels, a = make_image(0, split, i, 64, HARD)
+            assert a.background in (SHIFTED_BACKGROUNDS if split == "shifted" else BACKGROUND_KINDS)
+            core = shape_mask(type(a)(**{**a.__dict__, "radius": a.radius * 0.4}), 64) > 0.99  # the centre
+            if core.any() and not a.distractor_colour:
+                colour = np.asarray(HARD.colours[a.colour], dtype=np.float32)
+                kept.append(float(np.abs(pixels[core].astype(np.float32) - colour).mean()))
+    # the centre of a filled object is its colour (jitter and noise aside); an outline's is background
+    assert np.median(filled) < 40 < np.median(hollow), (np.median(filled), np.median(hollow))

@@ -117,6 +117,7 @@ def test_a_few_epochs_lower_the_loss_and_raise_agreement(demo_shards, demo_cache
     assert torch.allclose(features["student"].norm(dim=-1), torch.ones(48), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_runs_killed_or_signalled_mid_epoch_and_at_an_epoch_end_resume_to_the_same_weights(
         demo_shards, demo_cache, tiny_teacher, tmp_path):
     config, weights = tiny_teacher

@@ -35,6 +35,7 @@ def assert_killed(result: subprocess.CompletedProcess, fault: str) -> None:
     assert "Signal 9 (SIGKILL) received by PID" in result.stderr, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_two_process_precompute_killed_and_resumed_equals_one_process(tmp_path, tiny_teacher):
     shards = make_demo_shards(tmp_path / "shards", train=96, val=4, max_per_shard=8)  # 12 shards
     config, weights = tiny_teacher
@@ -69,6 +70,7 @@ def distill_args(shards, cache, teacher, out_dir, epochs=2, **options) -> list[s
     return args
 
 
+@pytest.mark.slow
 def test_two_process_distill_learns_and_writes_a_loadable_student(demo_shards, demo_cache, tiny_teacher, tmp_path):
     result = run(distill_args(demo_shards, demo_cache, tiny_teacher, tmp_path, epochs=3))
     assert result.returncode == 0, result.stderr
@@ -85,6 +87,7 @@ def test_two_process_distill_learns_and_writes_a_loadable_student(demo_shards, d
     assert torch.allclose(embeddings.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_killed_or_signalled_two_process_distill_resumes_to_the_same_weights(demo_shards, demo_cache, tiny_teacher,
                                                                             tmp_path):
     killed = distill_args(demo_shards, demo_cache, tiny_teacher, tmp_path / "killed", checkpoint_every=2)

@@ -70,6 +70,7 @@ def ran_stages(output: str) -> list[str]:
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
 
 
+@pytest.mark.slow
 def test_dvc_repro_runs_everything_then_nothing_then_only_what_changed(tmp_path):
     project = tmp_path / "project"
     copy_project(project)
@@ -151,6 +152,7 @@ def fake_imagenet(root: Path, wnids: list[str], per_class: int) -> None:
             write_image(root / wnid / f"{wnid}_{i}.JPEG", seed=1000 * c + i, size=(48, 40))
 
 
+@pytest.mark.slow
 def test_fake_imagenet_folder_through_the_imagenet_params(tmp_path, tiny_teacher):
     wnids = ["n01440764", "n02012849", "n03126707", "n03710637"]
     fake_imagenet(tmp_path / "train", wnids, 12)

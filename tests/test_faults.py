@@ -194,6 +194,7 @@ def precompute_cli(shards: Path, out: Path, teacher, views: int) -> list[str]:
             "--teacher-checkpoint", str(weights), "--workers", "0", "--views", str(views), "--batch-size", "64"]
 
 
+@pytest.mark.slow
 def test_a_precompute_on_an_output_in_use_is_refused_and_a_stale_lock_taken_over(demo_shards, healthy,
                                                                                   tiny_teacher, tmp_path):
     out = tmp_path / "cache" / "teacher.h5"
@@ -332,6 +333,7 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     return result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_precompute_is_one_line_and_a_rerun_completes(demo_shards, tiny_teacher, tmp_path, healthy):
     out = tmp_path / "cache" / "teacher.h5"
     args = precompute_cli(demo_shards, out, tiny_teacher, views=4)
@@ -345,6 +347,7 @@ def test_a_full_disk_during_precompute_is_one_line_and_a_rerun_completes(demo_sh
     assert_same_file(healthy / "a" / "teacher.h5", out)  # as if the disk had never been full
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_a_checkpoint_keeps_nothing_partial_and_a_rerun_ends_the_same(demo_shards, tiny_teacher,
                                                                                        tmp_path, healthy):
     config, weights = tiny_teacher
@@ -371,6 +374,7 @@ def test_a_full_disk_at_a_checkpoint_keeps_nothing_partial_and_a_rerun_ends_the_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_the_join_is_one_line_and_a_rerun_only_joins(demo_shards, tiny_teacher, tmp_path):
     out = tmp_path / "cache" / "teacher.h5"
     args = precompute_cli(demo_shards, out, tiny_teacher, views=1)

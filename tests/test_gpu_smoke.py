@@ -13,9 +13,9 @@ import torch
 from tests.conftest import ROOT
 
 SCRIPT = ROOT / "scripts" / "gpu_smoke.py"
-STEPS = {"device", "shards", "teacher", "precompute", "distill", "probe", "predict", "export", "bench", "ratios",
-         "precompute_killed", "precompute_resumed", "verify", "distill_deterministic", "distill_killed",
-         "distill_resumed", "distill_2rank"}
+STEPS = {"device", "shards", "teacher", "precompute", "distill", "decode_device", "probe", "predict", "export",
+         "bench", "ratios", "precompute_killed", "precompute_resumed", "verify", "distill_deterministic",
+         "distill_killed", "distill_resumed", "distill_2rank"}
 SKIPPED_ON_CPU = {"distill_deterministic", "distill_2rank"}  # --deterministic is for GPUs; NCCL needs 2 GPUs
 RATIOS = {"precompute_over_teacher", "distill_over_student_compute", "item_every_step_over_end_only",
           "pinned_over_pageable", "tf32_over_fp32"}
@@ -27,6 +27,7 @@ def smoke(args: list[str], timeout: int) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_cpu_form_runs_every_stage_and_reports_every_ratio(tmp_path):
     out = tmp_path / "smoke.json"
     result = smoke(["--cpu", "--json", str(out), "--work", str(tmp_path / "work")], timeout=900)

@@ -178,6 +178,7 @@ def test_inspect_summary(full_cache):
     assert info["teacher_label_agreement"] == pytest.approx((argmax_class == labels).mean())
 
 
+@pytest.mark.slow
 def test_resume_after_kill_or_signal_gives_the_same_file(tmp_path, tiny_teacher):
     shards = make_demo_shards(tmp_path / "shards", train=96, val=4, max_per_shard=8)  # 12 shards
     config, weights = tiny_teacher

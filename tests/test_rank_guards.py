@@ -55,6 +55,7 @@ def probe_args(demo_shards, distilled, tiny_teacher, out: Path) -> list[str]:
             "--device", "cpu", "--teacher-config", str(config), "--teacher-checkpoint", str(weights)]
 
 
+@pytest.mark.slow
 def test_two_process_probe_runs_on_rank_0_and_equals_one_process(demo_shards, distilled, tiny_teacher, tmp_path):
     single = run(PIPELINE, probe_args(demo_shards, distilled, tiny_teacher, tmp_path / "single"))
     assert single.returncode == 0, single.stderr[-3000:]
@@ -69,6 +70,7 @@ def test_two_process_probe_runs_on_rank_0_and_equals_one_process(demo_shards, di
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["plots", "probe.config.json", "probe.json"]
 
 
+@pytest.mark.slow
 def test_two_process_bench_runs_on_rank_0(demo_shards, distilled, tiny_teacher, tmp_path):
     (cache, _), (config, weights) = distilled, tiny_teacher
     out = tmp_path / "bench" / "bench.json"

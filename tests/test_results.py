@@ -41,6 +41,30 @@ def test_committed_pages_and_readme_table_are_what_their_json_generates():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("script", ["hard_world_table.py", "claims.py"])
+def test_the_derived_studies_are_what_their_sources_give(script):
+    """docs/results/hard-world-table.json and claims.json are computed from other study files:
+    committed as their scripts compute them from the committed sources."""
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--check"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_effective_robustness_is_the_distance_above_the_supervised_logit_line():
+    spec = importlib.util.spec_from_file_location("hard_world_table", ROOT / "scripts/hard_world_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    # supervised points on logit(shifted) = 0.5 logit(id) - 1 exactly
+    points = []
+    for accuracy in (50.0, 73.105858, 88.079708):  # logits 0, 1, 2
+        shifted = table.sigmoid(0.5 * table.logit(accuracy) - 1)
+        points.append({"figures": {"supervised_linear_top1": accuracy, "supervised_shifted_linear_top1": shifted}})
+    slope, intercept, n = table.supervised_line(points)
+    assert (round(slope, 6), round(intercept, 6), n) == (0.5, -1.0, 3)
+    # at 73.1 in distribution the line predicts sigmoid(-0.5) = 37.75%: 50% shifted is 12.25 points above it
+    assert table.robustness(73.105858, 50.0, (slope, intercept, n)) == 12.25
+
+
 @pytest.fixture
 def project(tmp_path):
     """A copy of docs/results, a README with the demo-table markers and a probe metrics file, rendered."""

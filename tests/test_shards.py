@@ -210,3 +210,27 @@ def test_hard_world_shards_record_their_world_and_its_classes(tmp_path, demo_sha
     assert len(meta) == 24 and any("distractor_colour" in m for m in meta)
     with pytest.raises(PipelineError, match="not demo shards"):
         demo_world_of(tmp_path)
+
+
+def test_max_side_presizes_larger_images_once_and_keeps_the_others_byte_for_byte(image_folder, tmp_path):
+    """`--max-side`: an image whose longer side is larger is stored resized to it (Lanczos, JPEG
+    quality 90), its aspect kept; a smaller one is stored as it is; the manifest says so."""
+    write_image(image_folder / "n02012849" / "large.JPEG", seed=7, size=(120, 90))
+    out = tmp_path / "shards"
+    manifest = shards_stage.run(folder_config(image_folder, out, max_side=60))
+    assert manifest["max_side"] == 60
+    raw = {}
+    for shard in list_shards(out, "train"):
+        for sample in wds.tariterators.tarfile_samples([{"url": str(shard)}]):
+            raw[sample["__key__"]] = sample["jpg"]
+    large = Image.open(io.BytesIO(raw["n02012849/large_JPEG"]))
+    assert large.size == (60, 45) and large.format == "JPEG"
+    reference = Image.open(image_folder / "n02012849" / "large.JPEG").convert("RGB").resize(
+        (60, 45), Image.Resampling.LANCZOS)
+    error = np.abs(np.asarray(large.convert("RGB"), np.float32) - np.asarray(reference, np.float32)).mean()
+    assert error < 4  # the Lanczos resize, then one JPEG encoding at quality 90
+    assert raw["n02012849/n02012849_0_JPEG"] == (image_folder / "n02012849" / "n02012849_0.JPEG").read_bytes()
+    # the same folder without --max-side gives other shards: a cache of one is refused for the other
+    plain = shards_stage.run(folder_config(image_folder, tmp_path / "plain"))
+    assert plain["max_side"] == 0
+    assert plain["splits"]["train"]["shards"] != manifest["splits"]["train"]["shards"]
