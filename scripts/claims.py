@@ -164,16 +164,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the committed file differs")
     args = parser.parse_args()
-    expected = results.dump_study(claims_study())
-    if args.check:
-        if not CLAIMS.is_file() or CLAIMS.read_text() != expected:
-            print(f"{CLAIMS}: not what the studies give; run python scripts/claims.py")
-            return 1
-        return 0
-    CLAIMS.write_text(expected)
-    results.write_all(ROOT)
-    print(f"wrote {CLAIMS} and re-rendered docs/results")
-    return 0
+    return results.derived_study(CLAIMS, claims_study(), "the study files it reads", "python scripts/claims.py",
+                                 args.check)
 
 
 if __name__ == "__main__":

@@ -178,16 +178,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the committed table differs")
     args = parser.parse_args()
-    expected = results.dump_study(table_study(json.loads(RECORDS.read_text())))
-    if args.check:
-        if not TABLE.is_file() or TABLE.read_text() != expected:
-            print(f"{TABLE}: not what {RECORDS} gives; run python scripts/hard_world_table.py")
-            return 1
-        return 0
-    TABLE.write_text(expected)
-    results.write_all(ROOT)
-    print(f"wrote {TABLE} and re-rendered docs/results")
-    return 0
+    return results.derived_study(TABLE, table_study(json.loads(RECORDS.read_text())), str(RECORDS),
+                                 "python scripts/hard_world_table.py", args.check)
 
 
 if __name__ == "__main__":

@@ -376,6 +376,21 @@ def write_all(root: Path) -> None:
         print(f"wrote {PROJECT_README}")
 
 
+def derived_study(path: Path, study: dict[str, Any], sources: str, command: str, check: bool) -> int:
+    """A study computed from other study files (scripts/hard_world_table.py, scripts/claims.py):
+    written, with every page re-rendered; or, with `check`, 1 when the committed file is not it."""
+    expected = dump_study(study)
+    if check:
+        if not path.is_file() or path.read_text() != expected:
+            print(f"{path}: not what {sources} give; run {command}")
+            return 1
+        return 0
+    path.write_text(expected)
+    write_all(ROOT)
+    print(f"wrote {path} and re-rendered docs/results")
+    return 0
+
+
 def update_study(path: Path, records: list[dict[str, Any]], skeleton: dict[str, Any]) -> dict[str, Any]:
     """Merge `records` into the study file at `path` (created from `skeleton` if absent), then
     re-render its page and, when the folder holds a generated index, the index."""
