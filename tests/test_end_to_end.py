@@ -24,17 +24,18 @@ import yaml
 from pipeline.cache import TeacherCache
 from pipeline.config import TeacherConfig
 from pipeline.features import extract_features
-from pipeline.shards import list_shards
+from pipeline.shards import iter_shard, list_shards
 from pipeline.student import load_student
 from pipeline.teacher import load_teacher
 from stages.probe import backbone_and_embedding_encoders
 from tests.conftest import ROOT, write_image
 
+RETRIEVAL_KEYS = {f"retrieval_{d}_r{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5)}
 PROBE_KEYS = {
     "teacher": {"linear_top1", "linear_top5", "zeroshot_top1", "zeroshot_top5", "zeroshot_top1_plain",
-                "zeroshot_top1_cpa"},
+                "zeroshot_top1_cpa", *RETRIEVAL_KEYS},
     "student": {"linear_top1", "linear_top5", "zeroshot_top1", "zeroshot_top5", "linear_top1_embedding",
-                "linear_top5_embedding"},
+                "linear_top5_embedding", *RETRIEVAL_KEYS},
     "random_init": {"linear_top1", "linear_top5"},
     "supervised": {"linear_top1", "linear_top5"},
 }
@@ -86,9 +87,13 @@ def test_dvc_repro_runs_everything_then_nothing_then_only_what_changed(tmp_path)
 
     params = tiny_demo_params()
     metrics = json.loads((project / "metrics/probe.json").read_text())
-    hits = {name: {key: value * 64 for key, value in row.items()} for name, row in metrics.items()}
+    # whole counts: of the 64 val images, and text -> image recall of the val split's distinct captions
+    texts = len({s.caption for i, shard in enumerate(list_shards(project / params["probe"]["shards"], "val"))
+                 for s in iter_shard(shard, i)})
+    hits = {name: {key: value * (texts if key.startswith("retrieval_text_to_image") else 64)
+                   for key, value in row.items()} for name, row in metrics.items()}
     assert {name: set(row) for name, row in hits.items()} == PROBE_KEYS
-    assert all(count == round(count) for row in hits.values() for count in row.values())  # of the 64 val images
+    assert all(abs(count - round(count)) < 1e-9 for row in hits.values() for count in row.values())
     teacher = metrics["teacher"]
     # the cache holds CPA class anchors: the probe's own CPA anchors give the same zero-shot
     assert abs(teacher["zeroshot_top1"] - teacher["zeroshot_top1_cpa"]) <= 1 / 64
