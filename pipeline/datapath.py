@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from pipeline import decoding
-from pipeline.shards import ShardRecord, ShardWriterState, decode_rgb, iter_raw, make_loader
+from pipeline.shards import ShardBatches, ShardRecord, ShardWriterState, decode_rgb, iter_raw, make_loader
 from pipeline.views import apply_view, sample_view_params
 
 IMAGENET_SIZE = (500, 375)  # width, height: ImageNet's most common size
@@ -152,8 +152,6 @@ def measure(images: int = 64, image_size: int = 224, teacher_size: int = 224, vi
 def main_process_ms(shard: Path, image_size: int, batch_size: int, repeats: int) -> float:
     """CPU milliseconds the main process spends per image taking ready batches of uint8 views
     (`image_size`) from one DataLoader worker that reads, decodes and cuts them."""
-    from pipeline.shards import ShardBatches
-
     def prepare(sample, _):
         return {"pixels": apply_view(sample.image, np.array([0, 0, 1, 1, 0], np.float32), image_size)}
 

@@ -26,7 +26,6 @@ from pipeline.views import apply_view
 
 log = logging.getLogger(__name__)
 
-DECODE_CHOICES = ("cpu", "device")
 BYTES = "jpeg_bytes"  # a batch's list of encoded samples (uint8 tensors), as the workers send them
 VIEWS = {"view": "pixels", "view_pair": "pixels_pair"}  # view parameters -> the views cut from them
 

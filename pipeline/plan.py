@@ -37,6 +37,7 @@ from pipeline.features import centre_view_batch_bytes
 from pipeline.linear_probe import probe_memory
 from pipeline.prompts import read_templates
 from pipeline.shards import MANIFEST_FILE, read_manifest
+from pipeline.training import training_batch_bytes
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def teacher_costs(params: Path) -> dict[str, Any]:
     return {"image_size": size, "embed_dim": teacher.embed_dim, "forward_flops": count}
 
 
-def student_costs(params: Path, num_anchors: int) -> dict[str, Any]:
+def student_costs(params: Path) -> dict[str, Any]:
     from pipeline.student import Student
 
     train = cfg.load_config("distill", params).train
@@ -133,8 +134,8 @@ def student_costs(params: Path, num_anchors: int) -> dict[str, Any]:
             "step_flops": flops(step) / 2}
 
 
-def shared_memory(params: Path, counts: Counts, num_anchors: int, teacher: dict[str, Any],
-                  student: dict[str, Any], processes: int) -> dict[str, dict[str, float]]:
+def shared_memory(params: Path, num_anchors: int, teacher: dict[str, Any], student: dict[str, Any],
+                  processes: int) -> dict[str, dict[str, float]]:
     """Bytes the DataLoader workers of each stage hold in shared memory, per process (workers x
     prefetch x one batch, as each stage's own check computes them) and for `processes` per machine.
     The workers are the params' (a stage caps them at the cores of the machine it runs on)."""
@@ -145,14 +146,12 @@ def shared_memory(params: Path, counts: Counts, num_anchors: int, teacher: dict[
     train = cfg.load_config("distill", params).train
     distill = cfg.load_config("distill", params)
     probe = cfg.load_config("probe", params)
-    per_image = 3 * train.image_size ** 2 + 24  # training.batch_bytes: uint8 view, position, label, shard
-    per_image += (2 + 4) * precompute.topk if precompute.topk else 2 * num_anchors
-    if distill.loss != "csm":
-        per_image += 2 * teacher["embed_dim"]
+    distill_batch = training_batch_bytes(train.batch_size, train.image_size, num_anchors, precompute.topk,
+                                         teacher["embed_dim"], embeddings=distill.loss != "csm")
     budgets = {
         "precompute": (precompute.workers, PRECOMPUTE_PREFETCH,
                        precompute_batch_bytes(images_per_batch(precompute), precompute.views, teacher["image_size"])),
-        "distill": (train.workers, train.prefetch, train.batch_size * per_image),
+        "distill": (train.workers, train.prefetch, distill_batch),
         "probe": (probe.workers, PROBE_PREFETCH,
                   centre_view_batch_bytes([teacher["image_size"], student["image_size"]], probe.batch_size)),
     }
@@ -176,7 +175,7 @@ def make_plan(params: Path, train_images: int = 0, val_images: int = 0, classes:
     anchors = anchor_count(params, counts.classes)
     log.info("plan: building the teacher and the student with random weights to count their FLOPs")
     teacher = teacher_costs(params)
-    student = student_costs(params, anchors)
+    student = student_costs(params)
     views = precompute.views
     k = topk or precompute.topk or 64
     per_view = {"full": stored_bytes_per_view(anchors, views, 0, teacher["embed_dim"], precompute.store_embeddings,
@@ -208,7 +207,7 @@ def make_plan(params: Path, train_images: int = 0, val_images: int = 0, classes:
                    "anchors": anchors, "views": views, "source": counts.source},
         "cache_bytes": cache, "cache_bytes_per_view": per_view, "cache_stored": stored,
         "disk": {"precompute_peak_bytes": run_cache + one_part, "join_peak_bytes": run_cache + index},
-        "shared_memory": shared_memory(params, counts, anchors, teacher, student, processes),
+        "shared_memory": shared_memory(params, anchors, teacher, student, processes),
         "processes_per_machine": processes,
         "probe": {device: {"host_bytes": m.host_bytes, "device_bytes": m.device_bytes, "described": m.describe()}
                   for device, m in memory.items()},

@@ -320,9 +320,7 @@ def decode_sample(raw: dict[str, Any], shard: int, position: int, decode: bool =
     With `decode` False the image is left encoded (`jpeg`) for the training device to decode."""
     key = raw["__key__"]
     image = None
-    if not decode:
-        pass
-    elif "jpg" in raw:
+    if decode and "jpg" in raw:
         try:
             image = decode_rgb(raw["jpg"])
         except Exception as err:  # any decoder failure is a corrupt sample, not a crash

@@ -475,17 +475,24 @@ class Sums:
 
 
 def batch_bytes(config: TrainConfig, cache: TeacherCache, objective: Objective) -> int:
-    """Bytes of one training batch as the workers ship it: uint8 views, positions and labels,
-    targets as stored (float16 per anchor, or top-k float16 values and int32 anchor indices),
-    float16 teacher embeddings."""
-    per_image = 3 * config.image_size ** 2 * (2 if objective.needs_pairs else 1) + 8 + 8 + 8  # uint8 pixels,
-    # position, label, shard
-    if objective.needs_targets:
-        topk = cache.header.topk
-        per_image += (2 + 4) * topk if topk else 2 * cache.header.num_anchors
-    if objective.needs_embeddings:
-        per_image += 2 * cache.header.embed_dim
-    return config.batch_size * per_image
+    """Bytes of one training batch as the workers ship it (`training_batch_bytes` for this cache)."""
+    header = cache.header
+    return training_batch_bytes(config.batch_size, config.image_size, header.num_anchors, header.topk,
+                                header.embed_dim, objective.needs_targets, objective.needs_embeddings,
+                                objective.needs_pairs)
+
+
+def training_batch_bytes(batch_size: int, image_size: int, num_anchors: int, topk: int, embed_dim: int,
+                         targets: bool = True, embeddings: bool = False, pairs: bool = False) -> int:
+    """Bytes of one training batch as the workers ship it: uint8 views (two per image with `pairs`),
+    positions, labels and shards, targets as stored (float16 per anchor, or top-k float16 values and
+    int32 anchor indices), float16 teacher embeddings. `plan` computes a run's budget with it too."""
+    per_image = 3 * image_size ** 2 * (2 if pairs else 1) + 8 + 8 + 8
+    if targets:
+        per_image += (2 + 4) * topk if topk else 2 * num_anchors
+    if embeddings:
+        per_image += 2 * embed_dim
+    return batch_size * per_image
 
 
 class TrainLoader:

@@ -76,7 +76,7 @@ def test_the_student_flops_are_torchvisions_published_count(run_params, tmp_path
     params["train"]["image_size"] = 224
     path = tmp_path / "p224.yaml"
     path.write_text(yaml.safe_dump(params))
-    costs = planning.student_costs(path, 48)
+    costs = planning.student_costs(path)
     # torchvision's ResNet-18 card: 1.814 G multiply-adds at 224 px; the counter gives 2 FLOPs per one
     published = torchvision_ops() * 1e9 * 2
     assert abs(costs["forward_flops"] - published) / published < 0.005, costs
