@@ -52,7 +52,7 @@ from pipeline.cache import TeacherCache, stored_bytes_per_view
 from pipeline.config import DEFAULT_PARAMS, load_config, override, to_dict
 from pipeline.errors import PipelineError
 from pipeline.student import build_student
-from pipeline.teacher import resolve_device, teacher_identity
+from pipeline.teacher import load_teacher, resolve_device, teacher_identity
 from stages import demo_teacher, distill, precompute, probe, ssl, supervised
 
 OUT = Path("data/ablation")
@@ -93,7 +93,10 @@ UNITS = {"student_linear_top1": PERCENT + ", linear probe", "student_zeroshot_to
          **{f"{model}_{direction}_r{k}": f"% recall@{k}, {direction.replace('_', ' ')} on the val captions"
             for model in ("teacher", "student") for direction in ("image_to_text", "text_to_image")
             for k in (1, 5)},
-         "teacher_minutes": "minutes of teacher training (wall clock)"}
+         "teacher_minutes": "minutes of teacher training (wall clock)",
+         "teacher_zeroshot_top1_plain": PERCENT + ", zero-shot with plain prompts",
+         "teacher_last_interval_gain": "points of CPA zero-shot top-1 gained over the teacher's last evaluation "
+                                       "interval (near 0: converged)"}
 GROUP = "run by scripts/ablation.py"
 
 
@@ -237,6 +240,49 @@ def run_row(name: str, overrides: dict[str, object], params: Path, with_supervis
     }
 
 
+def run_teacher_row(name: str, overrides: dict[str, object], params: Path) -> dict[str, Any]:
+    """A teacher-only row: pre-train the row's teacher (or reuse it) and measure it on its own
+    (`stages.probe.measure_teacher`: linear probe, zero-shot, the shifted split, retrieval), with
+    no cache and no student. Its record's figures are the teacher's, with its training log's
+    convergence: the zero-shot gain over the last evaluation interval."""
+    if not any(k.startswith("demo_teacher.") for k in overrides):
+        raise PipelineError(f"row '{name}': --teacher-only rows pre-train a teacher (demo_teacher.* overrides)")
+    teacher = row_teacher(overrides, params)
+    teacher_metrics = teacher.pop("_metrics")
+    overrides = {**overrides, **teacher}
+    probe_config = override(load_config("probe", params), stage_changes(overrides, "probe"))
+    measured_path = Path(str(teacher["teacher.checkpoint"])).with_suffix(".measures.json")
+    if not measured_path.is_file():
+        device = resolve_device(probe_config.device)
+        model = load_teacher(probe_config.teacher, str(device), precision=probe_config.precision)
+        write_json(measured_path, probe.measure_teacher(model, probe_config.shards, probe_config.prompts, device,
+                                                        batch_size=probe_config.batch_size,
+                                                        workers=probe_config.workers,
+                                                        holdout_fraction=probe_config.holdout_fraction,
+                                                        seed=probe_config.seed))
+    measured = json.loads(measured_path.read_text())
+    figures = {"teacher_steps": teacher_metrics["steps"],
+               "teacher_minutes": round(teacher_metrics["train_seconds"] / 60, 1),
+               "teacher_zeroshot_top1": percent(measured["zeroshot_top1"]),
+               "teacher_zeroshot_top1_plain": percent(measured["zeroshot_top1_plain"]),
+               "teacher_linear_top1": percent(measured["linear_top1"])}
+    figures.update(shift_and_retrieval({"teacher": measured}))
+    evaluated = [entry for entry in teacher_metrics["history"] if "cpa" in entry]
+    if evaluated:  # the last logged evaluation before the end, against the final measurement
+        figures["teacher_last_interval_gain"] = round(100 * (teacher_metrics["zero_shot_top1_cpa"]
+                                                             - evaluated[-1]["cpa"]), 2)
+    configs = {"demo_teacher": override(load_config("demo_teacher", params), stage_changes(overrides, "demo_teacher"))}
+    return {
+        "label": name,
+        "group": GROUP,
+        "params": {**recorded_params(overrides, configs), "teacher.identity": teacher_metrics["identity"]},
+        "figures": figures,
+        "machine": machine(resolve_device(probe_config.device)),
+        "commit": code_version(),
+        "measured": date.fromtimestamp(measured_path.stat().st_mtime).isoformat(),
+    }
+
+
 def shift_and_retrieval(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
     """The shifted split's accuracy of every model and the val-caption retrieval of teacher and
     student, where probe measured them (shards with a shifted split; val shards with captions)."""
@@ -323,14 +369,21 @@ def code_version() -> str | None:
         return None
 
 
-def skeleton(path: Path, rows_file: str, teacher_rows: bool) -> dict[str, Any]:
+def skeleton(path: Path, rows_file: str, teacher_rows: bool, teacher_only: bool = False) -> dict[str, Any]:
     """A new study file for these rows: the columns of the README's tables, no records yet."""
-    if teacher_rows:
+    settings: list[dict[str, Any]] = []
+    if teacher_only:
+        figures = [("steps", "teacher_steps"), ("minutes", "teacher_minutes"),
+                   ("zero-shot top-1", "teacher_zeroshot_top1"), ("linear top-1", "teacher_linear_top1"),
+                   ("shifted zero-shot", "teacher_shifted_zeroshot_top1"),
+                   ("shifted linear", "teacher_shifted_linear_top1"),
+                   ("image-to-text R@1", "teacher_image_to_text_r1"), ("text-to-image R@1", "teacher_text_to_image_r1"),
+                   ("last-interval gain", "teacher_last_interval_gain")]
+    elif teacher_rows:
         figures = [("teacher steps", "teacher_steps"), ("teacher minutes", "teacher_minutes"),
                    ("teacher zero-shot top-1", "teacher_zeroshot_top1"),
                    ("teacher linear top-1", "teacher_linear_top1"), ("student linear top-1", "student_linear_top1"),
                    ("student zero-shot top-1", "student_zeroshot_top1")]
-        settings = []
     else:
         figures = [("student linear top-1", "student_linear_top1"),
                    ("student zero-shot top-1", "student_zeroshot_top1"), ("bytes / view", "bytes_per_view")]
@@ -349,24 +402,23 @@ def skeleton(path: Path, rows_file: str, teacher_rows: bool) -> dict[str, Any]:
     }
 
 
-def print_table(records: list[dict[str, Any]]) -> None:
-    """The rows just run, as a markdown table."""
-    if all("teacher_steps" in r["figures"] for r in records):
-        print("| row | teacher steps | teacher minutes | teacher zero-shot top-1 | teacher linear top-1 | "
-              "student linear top-1 | student zero-shot top-1 |")
-        print("|---|---|---|---|---|---|---|")
-        for r in records:
-            f = r["figures"]
-            print(f"| {r['label']} | {f['teacher_steps']} | {f['teacher_minutes']} | "
-                  f"{f['teacher_zeroshot_top1']:.1f} | {f['teacher_linear_top1']:.1f} | "
-                  f"{f['student_linear_top1']:.1f} | {f['student_zeroshot_top1']:.1f} |")
-        return
-    print("| row | student linear top-1 | student zero-shot top-1 | V | top-k | bytes / view |")
-    print("|---|---|---|---|---|---|")
-    for r in records:
-        f, p = r["figures"], r["params"]
-        print(f"| {r['label']} | {f['student_linear_top1']:.1f} | {f['student_zeroshot_top1']:.1f} | "
-              f"{p['precompute.views']} | {p['precompute.topk'] or 'full'} | {f['bytes_per_view']} |")
+def print_table(records: list[dict[str, Any]], columns: list[dict[str, Any]]) -> None:
+    """The rows just run, as a markdown table with the study's columns (settings, figures)."""
+    columns = [c for c in columns if c.get("field") != "note" and c.get("field") != "measured"]
+
+    def cell(record: dict[str, Any], column: dict[str, Any]) -> str:
+        if "field" in column:
+            return str(record[column["field"]])
+        if "param" in column:
+            value = str(record["params"].get(column["param"], ""))
+            return column.get("map", {}).get(value, value)
+        value = record["figures"].get(column["figure"])
+        return "-" if value is None else f"{value:.1f}" if isinstance(value, float) else str(value)
+
+    print("| " + " | ".join(c["header"] for c in columns) + " |")
+    print("|" + "---|" * len(columns))
+    for record in records:
+        print("| " + " | ".join(cell(record, c) for c in columns) + " |")
 
 
 def main() -> None:
@@ -378,6 +430,8 @@ def main() -> None:
                         help="the study file the rows' records go to (created if absent); its page is re-rendered")
     parser.add_argument("--supervised", action="store_true",
                         help="also train the supervised reference of every row (its train settings) and probe it")
+    parser.add_argument("--teacher-only", action="store_true",
+                        help="rows pre-train their teacher and measure it alone (no precompute, distill or student)")
     parser.add_argument("--ssl", nargs="*", default=[], choices=("simclr", "byol"),
                         help="also train these SSL baselines of every row (its train settings) and probe them")
     args = parser.parse_args()
@@ -389,17 +443,19 @@ def main() -> None:
     chosen = {name: overrides or {} for name, overrides in rows.items() if not args.rows or name in args.rows}
     study = Path(args.json)
     teacher_rows = any(k.startswith("demo_teacher.") for overrides in chosen.values() for k in overrides)
-    new_study = skeleton(study, args.rows_file, teacher_rows)
+    new_study = skeleton(study, args.rows_file, teacher_rows, args.teacher_only)
     records = []
     try:
         for name, overrides in chosen.items():
-            record = {**run_row(name, overrides, Path(args.params), args.supervised, tuple(args.ssl)),
+            run = (run_teacher_row(name, overrides, Path(args.params)) if args.teacher_only else
+                   run_row(name, overrides, Path(args.params), args.supervised, tuple(args.ssl)))
+            record = {**run,
                       "source": f"scripts/ablation.py --rows-file {args.rows_file}"}
             results.update_study(study, [record], new_study)  # each finished row is on record at once
             records.append(record)
     except PipelineError as err:
         raise SystemExit(f"error: {err}") from None
-    print_table(records)
+    print_table(records, new_study["columns"])
     print(f"wrote {len(records)} record(s) to {study} and its page {study.with_suffix('.md')}")
 
 

@@ -34,7 +34,7 @@ import torch
 from pipeline import confusion, distributed, retrieval
 from pipeline.atomic import atomic_path, write_json
 from pipeline.cache import TeacherCache
-from pipeline.config import ProbeConfig, write_resolved
+from pipeline.config import ProbeConfig, PromptsConfig, write_resolved
 from pipeline.errors import PipelineError
 from pipeline.features import check_loader_memory, extract_features, zero_shot_scores
 from pipeline.linear_probe import DEFAULT_WEIGHT_DECAYS, linear_probe, probe_memory, topk_accuracy
@@ -252,15 +252,64 @@ def features_and_zero_shot(config: ProbeConfig, cache: TeacherCache, classes: li
                                      torch.arange(num_classes), num_classes)
         zero_shot["teacher"][f"zeroshot_top1_{prompt_set}"] = top1
     if captions and all(caption is not None for caption in captions):  # retrieval on the val captions
-        texts, text_of_image = retrieval.distinct(captions)
-        text_embeddings = encode_prompts(teacher, texts, prompt_store(config.cache), "val captions")
         for name, embedding in (("teacher", "teacher"), ("student", "student_embedding")):
-            recall = retrieval.recall_at_k(val.features[embedding], text_embeddings, text_of_image)
-            zero_shot[name].update({f"retrieval_{key}": value for key, value in recall.items()})
+            zero_shot[name].update(caption_retrieval(teacher, val.features[embedding], captions,
+                                                     prompt_store(config.cache)))
         log.info("retrieval on %d val images and their %d distinct captions: teacher image->text R@1 %.3f, "
-                 "student %.3f", len(captions), len(texts), zero_shot["teacher"]["retrieval_image_to_text_r1"],
+                 "student %.3f", len(captions), len(set(captions)), zero_shot["teacher"]["retrieval_image_to_text_r1"],
                  zero_shot["student"]["retrieval_image_to_text_r1"])
     return train, val, shifted, zero_shot
+
+
+def caption_retrieval(teacher, image_embeddings: torch.Tensor, captions: list[str],
+                      store: Path | None) -> dict[str, float]:
+    """Image-to-text and text-to-image recall@1/5 of `image_embeddings` against the teacher's
+    embeddings of the distinct captions (`retrieval_*` keys)."""
+    texts, text_of_image = retrieval.distinct(captions)
+    text_embeddings = encode_prompts(teacher, texts, store, "val captions")
+    recall = retrieval.recall_at_k(image_embeddings, text_embeddings, text_of_image)
+    return {f"retrieval_{key}": value for key, value in recall.items()}
+
+
+def measure_teacher(teacher, shards: str, prompts: PromptsConfig, device: torch.device, *,
+                    batch_size: int = 256, workers: int = 0, holdout_fraction: float = 0.1,
+                    seed: int = 0) -> dict[str, float]:
+    """A teacher on its own (no cache, no student): what the probe measures of the teacher.
+
+    Linear probe of its image embeddings (fitted on train; top-1 on val and on the shifted split
+    when the shards have one); zero-shot top-1 on val with CPA class anchors (`zeroshot_top1`,
+    the prompt set the demo's caches hold), plain ones (`zeroshot_top1_plain`) and CPA on the
+    shifted split; image-text retrieval on the val captions. Used to compare teacher pre-training
+    (scripts/ablation.py --teacher-only).
+    """
+    classes = read_classes(shards)
+    num_classes = len(classes)
+    encoders = {"teacher": (teacher.image_size, teacher.encode_image)}
+    splits, captions = {}, []
+    for split, split_shards in (("train", list_shards(shards, "train")), ("val", list_shards(shards, "val")),
+                                ("shifted", shard_split(shards, "shifted"))):
+        if split_shards:
+            features, labels, _ = extract_features(split_shards, encoders, batch_size, workers,
+                                                   f"teacher {split}", FEATURE_DTYPE,
+                                                   captions=captions if split == "val" else None)
+            splits[split] = SplitFeatures(features, labels)
+    train, val, shifted = splits["train"], splits["val"], splits.get("shifted")
+    also = {"shifted": (shifted.features["teacher"], shifted.labels)} if shifted is not None else None
+    result = linear_probe(train.features["teacher"], train.labels, val.features["teacher"], val.labels, num_classes,
+                          holdout_fraction=holdout_fraction, seed=seed, device=device, also=also)
+    metrics = {"linear_top1": result.top1, "linear_top5": result.top5}
+    for prompt_set in ("cpa", "plain"):
+        anchors = class_anchors(teacher.encode_text, classes, prompts, prompt_set)
+        key = "zeroshot_top1" if prompt_set == "cpa" else "zeroshot_top1_plain"
+        metrics[key] = zero_shot_accuracy(val.features["teacher"], val.labels, anchors, torch.arange(num_classes),
+                                          num_classes)[0]
+        if shifted is not None and prompt_set == "cpa":
+            metrics["shifted_linear_top1"] = result.also_top1["shifted"]
+            metrics["shifted_zeroshot_top1"] = zero_shot_accuracy(
+                shifted.features["teacher"], shifted.labels, anchors, torch.arange(num_classes), num_classes)[0]
+    if captions and all(caption is not None for caption in captions):
+        metrics.update(caption_retrieval(teacher, val.features["teacher"], captions, None))
+    return metrics
 
 
 def zero_shot_accuracy(features: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor,
