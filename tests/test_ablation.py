@@ -10,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT
+from stages import shards
+from tests.conftest import ROOT, stage_config
 
 
 def write_tiny_params(tmp_path, demo_shards, tiny_teacher, views: int) -> None:
@@ -97,6 +98,39 @@ def test_teacher_rows_pre_train_their_own_teacher_and_report_it(demo_shards, tin
     again = run_ablation(tmp_path, rows, "teachers.json")
     assert again.returncode == 0, again.stderr[-2000:]
     assert len(list((tmp_path / "data/ablation/teachers").glob("*.safetensors"))) == 4
+
+
+def test_teacher_only_rows_measure_the_teacher_alone(tiny_teacher, tmp_path):
+    """--teacher-only (the PSD study, params/psd.yaml): a row pre-trains its teacher and measures it
+    with stages.probe.measure_teacher on the hard world's shards, with no cache and no student."""
+    shard_dir = tmp_path / "hard"
+    shards.run(stage_config("shards", source="demo", world="hard", out=str(shard_dir), train=64, val=32, shifted=32,
+                            max_per_shard=32, workers=1))
+    write_tiny_params(tmp_path, shard_dir, tiny_teacher, views=1)
+    rows = {"psd": {"demo_teacher.objective": "psd", "demo_teacher.eval_every": 1}}
+    assert set(yaml.safe_load((ROOT / "params/psd.yaml").read_text())) == {
+        f"{objective}, noise {noise}, seed {seed}" for objective in ("CLIP", "PSD") for noise in (0.3, 0.6)
+        for seed in (1000, 1001)}
+    result = run_ablation(tmp_path, rows, "psd.json", 300, "--teacher-only")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| row | steps | minutes | zero-shot top-1 | linear top-1 | shifted zero-shot |" in result.stdout
+    assert not (tmp_path / "data/ablation/caches").exists() and not (tmp_path / "data/ablation/psd").exists()
+    [record] = json.loads((tmp_path / "psd.json").read_text())["records"]
+    [weights] = (tmp_path / "data/ablation/teachers").glob("*.safetensors")
+    measured = json.loads(weights.with_suffix(".measures.json").read_text())
+    trained = json.loads(weights.with_suffix(".metrics.json").read_text())
+    figures = record["figures"]
+    assert figures["teacher_steps"] == 2 and record["params"]["demo_teacher.objective"] == "psd"
+    for figure, key in (("teacher_zeroshot_top1", "zeroshot_top1"), ("teacher_linear_top1", "linear_top1"),
+                        ("teacher_shifted_linear_top1", "shifted_linear_top1"),
+                        ("teacher_image_to_text_r1", "retrieval_image_to_text_r1")):
+        assert figures[figure] == round(100 * measured[key], 4)
+    # the zero-shot the teacher's own training measured (CPA, val) is what the row measured
+    assert measured["zeroshot_top1"] == trained["zero_shot_top1_cpa"]
+    assert measured["zeroshot_top1_plain"] == trained["zero_shot_top1_plain"]
+    # convergence: the final CPA zero-shot minus the last evaluation's during training (step 1 of 2)
+    assert figures["teacher_last_interval_gain"] == round(100 * (trained["zero_shot_top1_cpa"]
+                                                                 - trained["history"][-2]["cpa"]), 2)
 
 
 def test_seed_rows_train_and_probe_the_supervised_reference_at_the_same_seed(demo_shards, tiny_teacher, tmp_path):

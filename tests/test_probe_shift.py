@@ -54,3 +54,13 @@ def test_probe_measures_the_shifted_split_and_retrieval_on_the_val_captions(tiny
     shifted_features, _, _ = extract_features(list_shards(shard_dir, "shifted"),
                                               {"teacher": (teacher.image_size, teacher.encode_image)}, 64, 0)
     assert not torch.allclose(shifted_features["teacher"], features["teacher"])
+
+    # the teacher measured alone (scripts/ablation.py --teacher-only: no cache, no student) gets
+    # the probe's teacher figures: the same linear probe, CPA class anchors, shifted split, retrieval
+    alone = probe.measure_teacher(teacher, str(shard_dir), config.prompts, torch.device("cpu"), batch_size=64,
+                                  holdout_fraction=config.holdout_fraction, seed=config.seed)
+    assert config.prompts.set == "cpa" and config.prompts.anchors == "class"
+    for key in ("linear_top1", "shifted_linear_top1", "zeroshot_top1", "shifted_zeroshot_top1",
+                *(f"retrieval_{d}_r{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5))):
+        assert alone[key] == metrics["teacher"][key], key
+    assert alone["zeroshot_top1_plain"] == metrics["teacher"]["zeroshot_top1_plain"]
