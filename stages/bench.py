@@ -4,6 +4,8 @@
     shape, against fixed targets (no teacher, no cache);
 (b) cached CSM distillation: the real stage-two data path (shards + HDF5 targets);
 (c) online CSM distillation: the teacher runs on every batch (no cache);
+(c') the student's pure compute: (b)'s step on one batch of (b) held in memory on the device,
+    no data loading at all; (b) / (c') is what the data path costs end to end;
 (d) the bare teacher (normalisation and forward) on uint8 views already on its device, against
     precompute end to end;
 (e) cache bytes per view, full float16 and top-k;
@@ -43,7 +45,7 @@ from pipeline.prompts import anchor_embeddings
 from pipeline.shards import MixedBatches, Sample, SharedPosition, list_shards, loader_batches, make_loader
 from pipeline.student import build_student, student_on
 from pipeline.teacher import Teacher, load_teacher, resolve_device
-from pipeline.training import MIN_BATCH, Objective, ReplayViews, TrainLoader, make_optimizer, train_step
+from pipeline.training import MIN_BATCH, Objective, ReplayViews, TrainLoader, make_optimizer, to_device, train_step
 from pipeline.views import apply_view, sample_view_params, view_rng
 from stages import precompute
 
@@ -179,9 +181,19 @@ def measure_training(config: BenchConfig, cache: TeacherCache, teacher: Teacher,
         batch["targets"] = (teacher.encode_image(batch["teacher_pixels"]) @ online_anchors.T).float()
         online_train(batch)
 
+    # (c') compute: (b)'s step on one of (b)'s batches, already on the device, again and again.
+    compute_step = student_trainer(config, cache.header.embed_dim, anchors, device)
+    first = cached_batches(config, cache, shards, 0, device)
+    resident = to_device(next(first), device)
+    first.close()  # its loader's workers stop
+
+    def compute_batches(_: int):
+        yield from itertools.repeat(resident)
+
     kinds = {"plain": (plain_batches, plain_step),
              "cached": (lambda round_: cached_batches(config, cache, shards, round_, device), cached_step),
-             "online": (online_batches, online_step)}
+             "online": (online_batches, online_step),
+             "compute": (compute_batches, compute_step)}
     totals = {name: {"images": 0, "seconds": 0.0} for name in kinds}
     steps = max(1, config.steps // ROUNDS)
     for round_ in range(ROUNDS):
@@ -191,7 +203,7 @@ def measure_training(config: BenchConfig, cache: TeacherCache, teacher: Teacher,
             totals[name]["seconds"] += result["seconds"]
     results = {name: {**t, "images_per_second": t["images"] / t["seconds"]} for name, t in totals.items()}
     for label, name in (("(a) plain training", "plain"), ("(b) cached distillation", "cached"),
-                        ("(c) online distillation", "online")):
+                        ("(c) online distillation", "online"), ("(c') student compute", "compute")):
         log.info("%s: %.1f images/s", label, results[name]["images_per_second"])
     return results
 
@@ -374,10 +386,12 @@ def run(config: BenchConfig) -> dict[str, Any]:
         "plain_images_per_second": training["plain"]["images_per_second"],
         "cached_images_per_second": training["cached"]["images_per_second"],
         "online_images_per_second": training["online"]["images_per_second"],
+        "compute_images_per_second": training["compute"]["images_per_second"],
         "teacher_views_per_second": teacher_views_per_second,
         "teacher_views_per_second_before_after": [before, after],
         "precompute_views_per_second": storage["full"]["views_per_second"],
         "cached_over_plain": training["cached"]["images_per_second"] / training["plain"]["images_per_second"],
+        "cached_over_compute": training["cached"]["images_per_second"] / training["compute"]["images_per_second"],
         "online_over_cached_time": training["cached"]["images_per_second"]
         / training["online"]["images_per_second"],
         "precompute_over_teacher": storage["full"]["views_per_second"] / teacher_views_per_second,
@@ -437,6 +451,7 @@ def print_table(r: dict[str, Any]) -> None:
         ("(a) plain training", f"{r['plain_images_per_second']:.1f} img/s"),
         ("(b) cached CSM distillation", f"{r['cached_images_per_second']:.1f} img/s"),
         ("(c) online CSM distillation", f"{r['online_images_per_second']:.1f} img/s"),
+        ("(c') student compute, batch in memory", f"{r['compute_images_per_second']:.1f} img/s"),
         ("(d) bare teacher forward", f"{r['teacher_views_per_second']:.1f} views/s"),
         ("(d) precompute end to end", f"{r['precompute_views_per_second']:.1f} views/s"),
         ("(e) cache bytes/view, full fp16", f"{r['bytes_per_view_full']:.1f} B ({r['bytes_per_view_full_file']:.1f} B "
@@ -453,6 +468,7 @@ def print_table(r: dict[str, Any]) -> None:
         print(f"  {label:<34} {value}")
     print("ratios:")
     print(f"  cached_over_plain        {r['cached_over_plain']:.3f}   (b / a)")
+    print(f"  cached_over_compute      {r['cached_over_compute']:.3f}   (b / c': distill over its pure compute)")
     print(f"  online_over_cached_time  {r['online_over_cached_time']:.3f}   (epoch time of c / b)")
     print(f"  precompute_over_teacher  {r['precompute_over_teacher']:.3f}   (precompute / bare teacher, views/s)")
     if "rss_growth_8x" in r:

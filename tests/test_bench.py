@@ -12,7 +12,7 @@ from pipeline.teacher import load_teacher
 from stages import bench, precompute
 from tests.conftest import precompute_config, stage_config
 
-KEYS = {"cached_over_plain", "online_over_cached_time", "precompute_over_teacher", "rss_growth_8x",
+KEYS = {"cached_over_plain", "cached_over_compute", "online_over_cached_time", "precompute_over_teacher", "rss_growth_8x",
         "bytes_per_view_full", "bytes_per_view_topk"}
 
 
@@ -48,6 +48,8 @@ def test_bench_reports_every_ratio(demo_shards, tiny_teacher, tmp_path, capsys):
     # the ratios are the quotients of the raw measurements they name
     assert written["cached_over_plain"] == pytest.approx(
         written["cached_images_per_second"] / written["plain_images_per_second"])
+    assert written["cached_over_compute"] == pytest.approx(
+        written["cached_images_per_second"] / written["compute_images_per_second"])
     assert written["online_over_cached_time"] == pytest.approx(
         written["cached_images_per_second"] / written["online_images_per_second"])
     assert written["precompute_over_teacher"] == pytest.approx(
@@ -62,7 +64,7 @@ def test_bench_reports_every_ratio(demo_shards, tiny_teacher, tmp_path, capsys):
     assert written["read_per_used_byte_1x"] >= 1
     assert written["read_per_used_byte_8x"] <= 1.1 * written["read_per_used_byte_1x"]
     table = capsys.readouterr().out
-    assert "cached_over_plain" in table and "(f) peak RSS" in table
+    assert "cached_over_plain" in table and "cached_over_compute" in table and "(f) peak RSS" in table
 
 
 def test_timed_window_waits_for_the_device_at_both_ends(monkeypatch):
