@@ -38,12 +38,12 @@ from pipeline.linear_probe import probe_memory
 from pipeline.prompts import read_templates
 from pipeline.shards import MANIFEST_FILE, read_manifest
 from pipeline.training import training_batch_bytes
+from pipeline.views import PRECOMPUTE_PREFETCH, precompute_batch_bytes, precompute_images_per_batch
 
 log = logging.getLogger(__name__)
 
 GIB = 1024 ** 3
 PROBE_PREFETCH = 2  # pipeline.features.PREFETCH
-PRECOMPUTE_PREFETCH = 2  # stages.precompute.PREFETCH
 KEY_BYTES = 32  # stored_bytes_per_view's estimate of a key's string heap bytes
 
 
@@ -139,9 +139,6 @@ def shared_memory(params: Path, num_anchors: int, teacher: dict[str, Any], stude
     """Bytes the DataLoader workers of each stage hold in shared memory, per process (workers x
     prefetch x one batch, as each stage's own check computes them) and for `processes` per machine.
     The workers are the params' (a stage caps them at the cores of the machine it runs on)."""
-    from stages.precompute import batch_bytes as precompute_batch_bytes
-    from stages.precompute import images_per_batch
-
     precompute = cfg.load_config("precompute", params)
     train = cfg.load_config("distill", params).train
     distill = cfg.load_config("distill", params)
@@ -150,7 +147,8 @@ def shared_memory(params: Path, num_anchors: int, teacher: dict[str, Any], stude
                                          teacher["embed_dim"], embeddings=distill.loss != "csm")
     budgets = {
         "precompute": (precompute.workers, PRECOMPUTE_PREFETCH,
-                       precompute_batch_bytes(images_per_batch(precompute), precompute.views, teacher["image_size"])),
+                       precompute_batch_bytes(precompute_images_per_batch(precompute.batch_size, precompute.views),
+                                              precompute.views, teacher["image_size"])),
         "distill": (train.workers, train.prefetch, distill_batch),
         "probe": (probe.workers, PROBE_PREFETCH,
                   centre_view_batch_bytes([teacher["image_size"], student["image_size"]], probe.batch_size)),

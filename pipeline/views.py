@@ -124,3 +124,19 @@ def normalize_pixels(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
     """
     scale = 1.0 / (255.0 * std) if pixels.dtype == torch.uint8 else 1.0 / std
     return pixels.to(torch.float32, copy=True).mul_(scale).sub_(mean / std)
+
+
+PRECOMPUTE_PREFETCH = 2  # batches each precompute DataLoader worker keeps ready
+
+
+def precompute_images_per_batch(batch_size: int, views: int) -> int:
+    """Images per teacher forward in precompute: --batch-size counts views, --views per image."""
+    return max(1, batch_size // views)
+
+
+def precompute_batch_bytes(images: int, views: int, size: int) -> int:
+    """Bytes of one precompute batch as a DataLoader worker ships it through shared memory
+    (stages.precompute's `ViewRenderer` and `collate`): per image, V uint8 views of 3 x S x S and
+    their float32 view parameters, and an int64 position and label. Keys and captions travel
+    pickled: a few bytes, left out."""
+    return images * (views * (3 * size * size + 4 * len(VIEW_FIELDS)) + 2 * 8)

@@ -42,12 +42,19 @@ from pipeline.shards import (
     shard_list_digest,
 )
 from pipeline.teacher import identity_difference, load_teacher, resolve_device
-from pipeline.views import VIEW_FIELDS, apply_view, sample_view_params, view_rng
+from pipeline.views import (
+    PRECOMPUTE_PREFETCH,
+    apply_view,
+    precompute_batch_bytes,
+    precompute_images_per_batch,
+    sample_view_params,
+    view_rng,
+)
 
 log = logging.getLogger(__name__)
 
 #: Batches each DataLoader worker keeps ready in shared memory (`iterate_batches`' default).
-PREFETCH = 2
+PREFETCH = PRECOMPUTE_PREFETCH
 
 #: Finished parts queued for the writer thread or being written. Two let the teacher go on
 #: through one slow write; more would only hold more shards' outputs in memory.
@@ -261,14 +268,7 @@ def warn_other_device(out: Path, before: str, now: str) -> None:
 
 def images_per_batch(config: PrecomputeConfig) -> int:
     """Images per teacher forward: --batch-size counts views, --views per image."""
-    return max(1, config.batch_size // config.views)
-
-
-def batch_bytes(images: int, views: int, size: int) -> int:
-    """Bytes of one batch as a DataLoader worker ships it through shared memory (`ViewRenderer`,
-    `collate`): per image, V uint8 views of 3 x S x S and their float32 view parameters, and an
-    int64 position and label. Keys and captions travel pickled: a few bytes, left out."""
-    return images * (views * (3 * size * size + 4 * len(VIEW_FIELDS)) + 2 * 8)
+    return precompute_images_per_batch(config.batch_size, config.views)
 
 
 def check_loader_memory(config: PrecomputeConfig, image_size: int, shards: int, local_processes: int) -> None:
@@ -276,7 +276,7 @@ def check_loader_memory(config: PrecomputeConfig, image_size: int, shards: int, 
     ranks x 16 workers, the workers would die by SIGBUS mid-run); `shards`: this rank's to encode."""
     workers = loader_workers(config.workers, shards)
     check_shared_memory("precompute", f"--workers {config.workers} --batch-size {config.batch_size}", workers,
-                        PREFETCH, batch_bytes(images_per_batch(config), config.views, image_size),
+                        PREFETCH, precompute_batch_bytes(images_per_batch(config), config.views, image_size),
                         local_processes)
 
 

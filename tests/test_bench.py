@@ -12,8 +12,8 @@ from pipeline.teacher import load_teacher
 from stages import bench, precompute
 from tests.conftest import precompute_config, stage_config
 
-KEYS = {"cached_over_plain", "cached_over_compute", "online_over_cached_time", "precompute_over_teacher", "rss_growth_8x",
-        "bytes_per_view_full", "bytes_per_view_topk"}
+KEYS = {"cached_over_plain", "cached_over_compute", "online_over_cached_time", "precompute_over_teacher",
+        "rss_growth_8x", "bytes_per_view_full", "bytes_per_view_topk"}
 
 
 @pytest.mark.slow

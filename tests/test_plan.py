@@ -60,7 +60,7 @@ def test_the_plan_of_a_small_run_is_what_the_run_stores_and_what_its_stages_budg
     assert plan["shared_memory"]["distill"]["per_process_bytes"] == 2 * train.prefetch * training.batch_bytes(
         train, cache, objective)
     config = load_config("precompute", run_params)
-    assert plan["shared_memory"]["precompute"]["batch_bytes"] == precompute.batch_bytes(
+    assert plan["shared_memory"]["precompute"]["batch_bytes"] == precompute.precompute_batch_bytes(
         precompute.images_per_batch(config), 4, 32)  # the tiny teacher's 32 px
     # the probe: its own budget for the models' widths (the teacher's embedding from the cache)
     dims = {"teacher": cache.header.embed_dim, "student": 512, "random_init": 512, "supervised": 512,

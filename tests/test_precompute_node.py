@@ -67,7 +67,7 @@ def test_the_shared_memory_of_a_batch_is_what_a_worker_ships(demo_shards, tiny_t
     batch = next(iter(dataset))
     shipped = sum(value.nbytes for value in batch.values() if isinstance(value, torch.Tensor))
     assert len(batch["keys"]) == 6 and batch["views"].dtype == torch.uint8
-    assert precompute.batch_bytes(6, 3, size) == shipped
+    assert precompute.precompute_batch_bytes(6, 3, size) == shipped
 
 
 def test_a_partial_run_resumed_at_another_precision_is_refused_when_it_computes_otherwise(demo_shards, tiny_teacher,
