@@ -101,7 +101,9 @@ def main() -> int:
         "records": records,
         "notes": ["A pre-sized JPEG decodes faster roughly with its pixel count, and more: the resize smooths the "
                   "fine texture that costs entropy decoding. A longer side of 512 is larger than ImageNet's typical "
-                  "image, which it leaves as it is.",
+                  "image, which it leaves as it is: that row decodes the very same files as the full-size row, so "
+                  "the difference between the two rows is how much this shared 2-core machine's timings "
+                  "move between measurements taken a few seconds apart.",
                   "The demo world renders 64 px images, so pre-sizing has nothing to do there (`--max-side` is the "
                   "folder source's option): its effect on accuracy is not measured here; it is the trade FFCV's "
                   "`max_resolution` makes for ImageNet."],
