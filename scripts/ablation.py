@@ -369,7 +369,8 @@ def code_version() -> str | None:
         return None
 
 
-def skeleton(path: Path, rows_file: str, teacher_rows: bool, teacher_only: bool = False) -> dict[str, Any]:
+def skeleton(path: Path, rows_file: str, teacher_rows: bool, teacher_only: bool = False,
+             params: str = str(DEFAULT_PARAMS)) -> dict[str, Any]:
     """A new study file for these rows: the columns of the README's tables, no records yet."""
     settings: list[dict[str, Any]] = []
     if teacher_only:
@@ -389,11 +390,24 @@ def skeleton(path: Path, rows_file: str, teacher_rows: bool, teacher_only: bool 
                    ("student zero-shot top-1", "student_zeroshot_top1"), ("bytes / view", "bytes_per_view")]
         settings = [{"header": "V", "param": "precompute.views"},
                     {"header": "top-k", "param": "precompute.topk", "map": {"0": "full"}}]
+    if teacher_only:
+        title = f"Teachers of {rows_file}, each pre-trained and measured alone"
+        description = (f"`python scripts/ablation.py --params {params} --rows-file {rows_file} --json {path} "
+                       "--teacher-only`: every row pre-trains a demo teacher from scratch (the demo-teacher stage with "
+                       "the row's overrides of the params) and measures it alone, with no cache or student "
+                       "(`stages.probe.measure_teacher`): zero-shot with CPA class prompts, the linear probe of its "
+                       "image embeddings, both on val and on the shifted split, and image-text recall on the val "
+                       "captions.")
+    else:
+        title = f"Rows of {rows_file}"
+        description = (f"`python scripts/ablation.py --rows-file {rows_file} --json {path}`: every row is params.yaml "
+                       "with the row's overrides, run through precompute, distill and probe.")
     return {
         "study": path.stem,
-        "title": f"Rows of {rows_file}",
-        "description": f"`python scripts/ablation.py --rows-file {rows_file} --json {path}`: every row is params.yaml "
-                       "with the row's overrides, run through precompute, distill and probe.",
+        "title": title,
+        "description": description,
+        **({"notes": ["Minutes are wall clock on a shared 2-core machine: they include the time other jobs took "
+                      "from the run."]} if teacher_only else {}),
         "columns": [{"header": "row", "field": "label"}, *settings,
                     *({"header": header, "figure": figure} for header, figure in figures),
                     {"header": "measured", "field": "measured"}, {"header": "note", "field": "note"}],
@@ -443,7 +457,7 @@ def main() -> None:
     chosen = {name: overrides or {} for name, overrides in rows.items() if not args.rows or name in args.rows}
     study = Path(args.json)
     teacher_rows = any(k.startswith("demo_teacher.") for overrides in chosen.values() for k in overrides)
-    new_study = skeleton(study, args.rows_file, teacher_rows, args.teacher_only)
+    new_study = skeleton(study, args.rows_file, teacher_rows, args.teacher_only, args.params)
     records = []
     try:
         for name, overrides in chosen.items():

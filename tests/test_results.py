@@ -41,7 +41,7 @@ def test_committed_pages_and_readme_table_are_what_their_json_generates():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("script", ["hard_world_table.py", "claims.py"])
+@pytest.mark.parametrize("script", ["hard_world_table.py", "psd_table.py", "claims.py"])
 def test_the_derived_studies_are_what_their_sources_give(script):
     """docs/results/hard-world-table.json and claims.json are computed from other study files:
     committed as their scripts compute them from the committed sources."""
@@ -63,6 +63,27 @@ def test_effective_robustness_is_the_distance_above_the_supervised_logit_line():
     assert (round(slope, 6), round(intercept, 6), n) == (0.5, -1.0, 3)
     # at 73.1 in distribution the line predicts sigmoid(-0.5) = 37.75%: 50% shifted is 12.25 points above it
     assert table.robustness(73.105858, 50.0, (slope, intercept, n)) == 12.25
+
+
+def test_psd_table_means_the_seeds_and_pairs_psd_with_clip_at_the_same_seed():
+    spec = importlib.util.spec_from_file_location("psd_table", ROOT / "scripts/psd_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+
+    def teacher(objective: str, seed: int, base: float) -> dict:
+        figures = {key: base + i for i, key in enumerate(table.MEASURES.values())}
+        return {"params": {"demo_teacher.caption_noise": 0.3, "demo_teacher.objective": objective,
+                           "demo_teacher.seed": seed}, "figures": {**figures, "teacher_last_interval_gain": 0.5}}
+
+    records = [teacher("clip", 1, 40.0), teacher("clip", 2, 44.0), teacher("psd", 1, 43.0), teacher("psd", 2, 43.0)]
+    clip, psd, difference = table.table_rows(records)
+    assert clip["label"] == "CLIP, noise 0.3" and clip["figures"]["zeroshot"] == 42.0
+    assert clip["figures"]["zeroshot_seeds"] == {"min": 40.0, "max": 44.0} and clip["figures"]["seeds"] == 2
+    assert psd["figures"]["linear"] == 44.0
+    # per seed: PSD - CLIP is +3 at seed 1 and -1 at seed 2, in every measure
+    assert difference["figures"]["zeroshot"] == 1.0
+    assert difference["figures"]["shifted_linear_seeds"] == {"min": -1.0, "max": 3.0}
+    assert (difference["figures"]["psd_ahead"], difference["figures"]["comparisons"]) == (6, 12)
 
 
 @pytest.fixture
