@@ -94,6 +94,7 @@ def psd_claim() -> dict[str, Any]:
         verdict = "does not hold" if counts["does not hold"] else "level"
     else:
         verdict = "partly"
+    seeds = min(row["figures"]["seeds"] for row in differences)
     if trained < PSD_TEACHERS:
         verdict = f"provisional, {trained} of {PSD_TEACHERS} teachers: {verdict}"
     budget = table["description"].split("Budget: ", 1)[-1].rstrip(".")
@@ -101,7 +102,7 @@ def psd_claim() -> dict[str, Any]:
         "label": label,
         "params": {"claim.paper": "PSD"},
         "figures": {"paper": paper,
-                    "here": f"PSD - CLIP, mean of {differences[0]['figures']['seeds'] if differences else 0} seeds "
+                    "here": f"PSD - CLIP, mean over {seeds} seed{'s' if seeds != 1 else ''} "
                             f"(points; hard world, {budget}): " + "; ".join(parts),
                     "verdict": f"{verdict}: of {len(verdicts)} (measure, noise) pairs, {counts['holds']} hold, "
                                f"{counts['does not hold']} do not, {counts['level']} level (a pair holds when the "

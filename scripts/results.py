@@ -151,7 +151,8 @@ def format_value(value: Any, fmt: str | None = None) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, dict) and set(value) == {"min", "max"}:
-        joiner = " to " if fmt == "duration" else "-"
+        negative = any(isinstance(v, (int, float)) and v < 0 for v in value.values())
+        joiner = " to " if fmt == "duration" or negative else "-"  # -3 to -1, not -3--1
         return format_value(value["min"], fmt) + joiner + format_value(value["max"], fmt)
     if isinstance(value, list):
         return ", ".join(format_value(v, fmt) for v in value)
