@@ -416,23 +416,12 @@ def skeleton(path: Path, rows_file: str, teacher_rows: bool, teacher_only: bool 
     }
 
 
-def print_table(records: list[dict[str, Any]], columns: list[dict[str, Any]]) -> None:
-    """The rows just run, as a markdown table with the study's columns (settings, figures)."""
-    columns = [c for c in columns if c.get("field") != "note" and c.get("field") != "measured"]
-
-    def cell(record: dict[str, Any], column: dict[str, Any]) -> str:
-        if "field" in column:
-            return str(record[column["field"]])
-        if "param" in column:
-            value = str(record["params"].get(column["param"], ""))
-            return column.get("map", {}).get(value, value)
-        value = record["figures"].get(column["figure"])
-        return "-" if value is None else f"{value:.1f}" if isinstance(value, float) else str(value)
-
-    print("| " + " | ".join(c["header"] for c in columns) + " |")
-    print("|" + "---|" * len(columns))
-    for record in records:
-        print("| " + " | ".join(cell(record, c) for c in columns) + " |")
+def print_table(records: list[dict[str, Any]], study: dict[str, Any]) -> None:
+    """The rows just run, as a markdown table of the study's columns (results.py's cells, without
+    the measured and note columns)."""
+    columns = [c for c in study["columns"] if c.get("field") not in ("measured", "note")]
+    print("\n".join(results.table([c["header"] for c in columns],
+                                  [[results.cell(r, c, study) for c in columns] for r in records])))
 
 
 def main() -> None:
@@ -469,7 +458,7 @@ def main() -> None:
             records.append(record)
     except PipelineError as err:
         raise SystemExit(f"error: {err}") from None
-    print_table(records, new_study["columns"])
+    print_table(records, new_study)
     print(f"wrote {len(records)} record(s) to {study} and its page {study.with_suffix('.md')}")
 
 

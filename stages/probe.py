@@ -252,23 +252,26 @@ def features_and_zero_shot(config: ProbeConfig, cache: TeacherCache, classes: li
                                      torch.arange(num_classes), num_classes)
         zero_shot["teacher"][f"zeroshot_top1_{prompt_set}"] = top1
     if captions and all(caption is not None for caption in captions):  # retrieval on the val captions
-        for name, embedding in (("teacher", "teacher"), ("student", "student_embedding")):
-            zero_shot[name].update(caption_retrieval(teacher, val.features[embedding], captions,
-                                                     prompt_store(config.cache)))
+        recalls = caption_retrieval(teacher, {"teacher": val.features["teacher"],
+                                              "student": val.features["student_embedding"]},
+                                    captions, prompt_store(config.cache))
+        for name, recall in recalls.items():
+            zero_shot[name].update(recall)
         log.info("retrieval on %d val images and their %d distinct captions: teacher image->text R@1 %.3f, "
                  "student %.3f", len(captions), len(set(captions)), zero_shot["teacher"]["retrieval_image_to_text_r1"],
                  zero_shot["student"]["retrieval_image_to_text_r1"])
     return train, val, shifted, zero_shot
 
 
-def caption_retrieval(teacher, image_embeddings: torch.Tensor, captions: list[str],
-                      store: Path | None) -> dict[str, float]:
-    """Image-to-text and text-to-image recall@1/5 of `image_embeddings` against the teacher's
-    embeddings of the distinct captions (`retrieval_*` keys)."""
+def caption_retrieval(teacher, image_embeddings: dict[str, torch.Tensor], captions: list[str],
+                      store: Path | None) -> dict[str, dict[str, float]]:
+    """Per model, image-to-text and text-to-image recall@1/5 of its image embeddings against the
+    teacher's embeddings of the distinct captions (`retrieval_*` keys); the captions are encoded once."""
     texts, text_of_image = retrieval.distinct(captions)
     text_embeddings = encode_prompts(teacher, texts, store, "val captions")
-    recall = retrieval.recall_at_k(image_embeddings, text_embeddings, text_of_image)
-    return {f"retrieval_{key}": value for key, value in recall.items()}
+    return {name: {f"retrieval_{key}": value
+                   for key, value in retrieval.recall_at_k(images, text_embeddings, text_of_image).items()}
+            for name, images in image_embeddings.items()}
 
 
 def measure_teacher(teacher, shards: str, prompts: PromptsConfig, device: torch.device, *,
@@ -298,17 +301,17 @@ def measure_teacher(teacher, shards: str, prompts: PromptsConfig, device: torch.
     result = linear_probe(train.features["teacher"], train.labels, val.features["teacher"], val.labels, num_classes,
                           holdout_fraction=holdout_fraction, seed=seed, device=device, also=also)
     metrics = {"linear_top1": result.top1, "linear_top5": result.top5}
-    for prompt_set in ("cpa", "plain"):
+    if shifted is not None:
+        metrics["shifted_linear_top1"] = result.also_top1["shifted"]
+    for prompt_set, key in (("cpa", "zeroshot_top1"), ("plain", "zeroshot_top1_plain")):
         anchors = class_anchors(teacher.encode_text, classes, prompts, prompt_set)
-        key = "zeroshot_top1" if prompt_set == "cpa" else "zeroshot_top1_plain"
         metrics[key] = zero_shot_accuracy(val.features["teacher"], val.labels, anchors, torch.arange(num_classes),
                                           num_classes)[0]
         if shifted is not None and prompt_set == "cpa":
-            metrics["shifted_linear_top1"] = result.also_top1["shifted"]
             metrics["shifted_zeroshot_top1"] = zero_shot_accuracy(
                 shifted.features["teacher"], shifted.labels, anchors, torch.arange(num_classes), num_classes)[0]
     if captions and all(caption is not None for caption in captions):
-        metrics.update(caption_retrieval(teacher, val.features["teacher"], captions, None))
+        metrics.update(caption_retrieval(teacher, {"teacher": val.features["teacher"]}, captions, None)["teacher"])
     return metrics
 
 
