@@ -139,6 +139,9 @@ class DemoTeacherConfig:
     seed: int = opt("seed of the training stream (distinct from the shards' seed)")
     caption_noise: float = opt("share of the training captions replaced by another image's caption "
                                "(web-like noise, seeded; demo_world.noisy_caption)", high=1)
+    train_images: int = opt("distinct training images (with their captions) the stream cycles through, a "
+                            "finite dataset seen for steps x batch_size / train_images epochs; 0: a freshly "
+                            "rendered image every time (an endless stream)")
     workers: int = opt("DataLoader workers rendering training images")
     threads: int = opt("torch CPU threads (0: torch's default)")
     eval_every: int = opt("measure zero-shot accuracy on the val shards every N steps (0: at the end)")

@@ -66,7 +66,7 @@ RECORDED = {
               "weight_decay", "momentum", "warmup_epochs", "seed", "mix_shards", "precision"),
     "distill": ("loss", "tau_teacher", "tau_student", "embedding_weight"),
     "demo_teacher": ("config", "arch", "objective", "psd_rho", "psd_alpha_max", "psd_ramp", "steps", "batch_size",
-                     "lr", "warmup_steps", "weight_decay", "seed", "caption_noise"),
+                     "lr", "warmup_steps", "weight_decay", "seed", "caption_noise", "train_images"),
 }
 PERCENT = "% of the val images (top-1)"
 UNITS = {"student_linear_top1": PERCENT + ", linear probe", "student_zeroshot_top1": PERCENT + ", zero-shot",
@@ -96,7 +96,9 @@ UNITS = {"student_linear_top1": PERCENT + ", linear probe", "student_zeroshot_to
          "teacher_minutes": "minutes of teacher training (wall clock)",
          "teacher_zeroshot_top1_plain": PERCENT + ", zero-shot with plain prompts",
          "teacher_last_interval_gain": "points of CPA zero-shot top-1 gained over the teacher's last evaluation "
-                                       "interval (near 0: converged)"}
+                                       "interval (near 0: converged)",
+         "teacher_peak_zeroshot_top1": PERCENT + ", zero-shot (CPA), the best of the teacher's logged evaluations "
+                                       "and its final one (above the final: it got worse with training)"}
 GROUP = "run by scripts/ablation.py"
 
 
@@ -244,7 +246,7 @@ def run_teacher_row(name: str, overrides: dict[str, object], params: Path) -> di
     """A teacher-only row: pre-train the row's teacher (or reuse it) and measure it on its own
     (`stages.probe.measure_teacher`: linear probe, zero-shot, the shifted split, retrieval), with
     no cache and no student. Its record's figures are the teacher's, with its training log's
-    convergence: the zero-shot gain over the last evaluation interval."""
+    convergence: the zero-shot gain over the last evaluation interval, and its best logged zero-shot."""
     if not any(k.startswith("demo_teacher.") for k in overrides):
         raise PipelineError(f"row '{name}': --teacher-only rows pre-train a teacher (demo_teacher.* overrides)")
     teacher = row_teacher(overrides, params)
@@ -271,6 +273,8 @@ def run_teacher_row(name: str, overrides: dict[str, object], params: Path) -> di
     if evaluated:  # the last logged evaluation before the end, against the final measurement
         figures["teacher_last_interval_gain"] = round(100 * (teacher_metrics["zero_shot_top1_cpa"]
                                                              - evaluated[-1]["cpa"]), 2)
+        figures["teacher_peak_zeroshot_top1"] = percent(max([entry["cpa"] for entry in evaluated]
+                                                            + [teacher_metrics["zero_shot_top1_cpa"]]))
     configs = {"demo_teacher": override(load_config("demo_teacher", params), stage_changes(overrides, "demo_teacher"))}
     return {
         "label": name,
@@ -379,7 +383,8 @@ def skeleton(path: Path, rows_file: str, teacher_rows: bool, teacher_only: bool 
                    ("shifted zero-shot", "teacher_shifted_zeroshot_top1"),
                    ("shifted linear", "teacher_shifted_linear_top1"),
                    ("image-to-text R@1", "teacher_image_to_text_r1"), ("text-to-image R@1", "teacher_text_to_image_r1"),
-                   ("last-interval gain", "teacher_last_interval_gain")]
+                   ("last-interval gain", "teacher_last_interval_gain"),
+                   ("peak zero-shot", "teacher_peak_zeroshot_top1")]
     elif teacher_rows:
         figures = [("teacher steps", "teacher_steps"), ("teacher minutes", "teacher_minutes"),
                    ("teacher zero-shot top-1", "teacher_zeroshot_top1"),

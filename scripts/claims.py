@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import results  # noqa: E402  (scripts/results.py)
+import yaml  # noqa: E402
 
 RESULTS = ROOT / "docs/results"
 CLAIMS = RESULTS / "claims.json"
@@ -53,7 +54,12 @@ PSD_MEASURES = {"zeroshot": "zero-shot", "linear": "linear", "image_to_text_r1":
                 "text_to_image_r1": "text-to-image R@1", "shifted_zeroshot": "shifted zero-shot"}
 
 
-PSD_TEACHERS = 8  # params/psd.yaml: CLIP and PSD x caption noise 0.3 and 0.6 x two seeds
+PSD_ROWS = ROOT / "params/psd.yaml"  # the study's teachers: each row one
+
+
+def psd_teachers() -> int:
+    """How many teachers the PSD study trains (the rows of params/psd.yaml)."""
+    return len(yaml.safe_load(PSD_ROWS.read_text()))
 
 
 def paired_verdict(mean: float, seeds: dict[str, float]) -> str:
@@ -73,9 +79,10 @@ def psd_claim() -> dict[str, Any]:
     table = study("psd-table")
     differences = [r for r in table["records"] if r["params"]["demo_teacher.objective"] == "psd - clip"]
     trained = sum(r["figures"]["seeds"] for r in table["records"] if r not in differences)
+    planned = psd_teachers()
     if not differences:
         return {"label": label, "params": {"claim.paper": "PSD"},
-                "figures": {"paper": paper, "here": f"{trained} of {PSD_TEACHERS} teachers of params/psd.yaml "
+                "figures": {"paper": paper, "here": f"{trained} of {planned} teachers of params/psd.yaml "
                                                     "trained so far, no PSD-CLIP pair yet",
                             "verdict": "not measured here yet (the study is running)"},
                 "source": "psd-table.json"}
@@ -86,7 +93,9 @@ def psd_claim() -> dict[str, Any]:
         for name, header in PSD_MEASURES.items():
             verdicts.append(paired_verdict(f[name], f[f"{name}_seeds"]))
             cells.append(f"{header} {f[name]:+}")
-        parts.append(f"noise {row['params']['demo_teacher.caption_noise']}: " + ", ".join(cells))
+        seeds = f["seeds"]
+        setting = row["label"].removeprefix("PSD - CLIP, ")
+        parts.append(f"{setting} ({seeds} seed{'s' if seeds != 1 else ''}): " + ", ".join(cells))
     counts = {v: verdicts.count(v) for v in ("holds", "does not hold", "level")}
     if counts["holds"] == len(verdicts):
         verdict = "holds"
@@ -94,17 +103,16 @@ def psd_claim() -> dict[str, Any]:
         verdict = "does not hold" if counts["does not hold"] else "level"
     else:
         verdict = "partly"
-    seeds = min(row["figures"]["seeds"] for row in differences)
-    if trained < PSD_TEACHERS:
-        verdict = f"provisional, {trained} of {PSD_TEACHERS} teachers: {verdict}"
+    if trained < planned:
+        verdict = f"provisional, {trained} of {planned} teachers: {verdict}"
     budget = table["description"].split("Budget: ", 1)[-1].rstrip(".")
     return {
         "label": label,
         "params": {"claim.paper": "PSD"},
         "figures": {"paper": paper,
-                    "here": f"PSD - CLIP, mean over {seeds} seed{'s' if seeds != 1 else ''} "
-                            f"(points; hard world, {budget}): " + "; ".join(parts),
-                    "verdict": f"{verdict}: of {len(verdicts)} (measure, noise) pairs, {counts['holds']} hold, "
+                    "here": f"PSD - CLIP, mean over seeds (points; hard world, {budget}; without images: an "
+                            "endless stream of fresh images): " + "; ".join(parts),
+                    "verdict": f"{verdict}: of {len(verdicts)} (measure, setting) pairs, {counts['holds']} hold, "
                                f"{counts['does not hold']} do not, {counts['level']} level (a pair holds when the "
                                f"mean difference exceeds {NOISE:g} point and PSD is ahead at every seed)"},
         "source": "psd-table.json"}

@@ -46,30 +46,40 @@ from pipeline.views import apply_view, normalize_pixels, sample_view_params
 log = logging.getLogger(__name__)
 
 class CaptionStream(Dataset):
-    """Item i: a freshly rendered demo image (random resized crop) and its tokenised caption."""
+    """Item i: a demo image (random resized crop) and its tokenised caption.
+
+    With `images` 0 every item is a freshly rendered image (an endless stream: no pair is seen
+    twice); with `images` N the stream cycles through a fixed set of N images and their captions,
+    a finite dataset seen for several epochs (item i is image i mod N, with a new crop every
+    epoch and the same caption, noisy or not, every epoch, as a web dataset's wrong caption is).
+    """
 
     def __init__(self, seed: int, length: int, side: int, tokenizer: Any,
                  crop_scale: tuple[float, float], crop_ratio: tuple[float, float], caption_noise: float = 0.0,
                  images: int = 0, world: demo_world.World = demo_world.EASY) -> None:
         self.seed, self.length, self.side, self.tokenizer = seed, length, side, tokenizer
         self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
-        self.caption_noise, self.images = caption_noise, images or length
+        self.caption_noise, self.images = caption_noise, images
         self.world = world
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        pixels, attributes = demo_world.make_image(self.seed, "train", index, self.side, self.world)
+        image_index = index % self.images if self.images else index
+        pixels, attributes = demo_world.make_image(self.seed, "train", image_index, self.side, self.world)
         image = torch.from_numpy(pixels).permute(2, 0, 1)
         rng = np.random.default_rng([self.seed, 7, index])
         params = sample_view_params(rng, 1, self.side, self.side, self.crop_scale, self.crop_ratio, False)
         view = apply_view(image, params[0], self.side)
-        caption = demo_world.noisy_caption(self.seed, "train", index, self.images, self.caption_noise,
-                                           attributes.caption, self.world)
-        tokens = self.tokenizer([caption])[0]
-        caption_id = int(hashlib.sha1(caption.encode()).hexdigest()[:15], 16)
-        return view, tokens, caption_id
+        caption = demo_world.noisy_caption(self.seed, "train", image_index, self.images or self.length,
+                                           self.caption_noise, attributes.caption, self.world)
+        return view, self.tokenizer([caption])[0], caption_id(caption)
+
+
+def caption_id(caption: str) -> int:
+    """An id of the caption's text: identical captions in a batch are all positives of each other."""
+    return int(hashlib.sha1(caption.encode()).hexdigest()[:15], 16)
 
 
 @torch.no_grad()
@@ -160,7 +170,7 @@ def run(config: DemoTeacherConfig) -> dict[str, Any]:
 
     world = demo_world.WORLDS[demo_world_of(config.shards)]  # the world of the val shards it is measured on
     stream = CaptionStream(config.seed, config.steps * config.batch_size, side, tokenizer, config.crop_scale,
-                           config.crop_ratio, config.caption_noise, world=world)
+                           config.crop_ratio, config.caption_noise, config.train_images, world)
     sampler = range(step * config.batch_size, config.steps * config.batch_size)
     loader = DataLoader(stream, batch_size=config.batch_size, sampler=sampler,
                         num_workers=usable_workers(config.workers), drop_last=True,
@@ -224,6 +234,7 @@ def run(config: DemoTeacherConfig) -> dict[str, Any]:
         "arch": config.arch,
         "objective": config.objective,
         "caption_noise": config.caption_noise,
+        "train_images": config.train_images,
         "steps": config.steps,
         "batch_size": config.batch_size,
         "train_seconds": round(seconds, 1),

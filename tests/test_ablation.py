@@ -108,9 +108,11 @@ def test_teacher_only_rows_measure_the_teacher_alone(tiny_teacher, tmp_path):
                             max_per_shard=32, workers=1))
     write_tiny_params(tmp_path, shard_dir, tiny_teacher, views=1)
     rows = {"psd": {"demo_teacher.objective": "psd", "demo_teacher.eval_every": 1}}
-    assert set(yaml.safe_load((ROOT / "params/psd.yaml").read_text())) == {
-        f"{objective}, noise {noise}, seed {seed}" for objective in ("CLIP", "PSD") for noise in (0.3, 0.6)
-        for seed in (1000, 1001)}
+    study_rows = yaml.safe_load((ROOT / "params/psd.yaml").read_text())
+    assert set(study_rows) == {
+        f"{objective}, noise {noise}{images}, seed {seed}" for objective in ("CLIP", "PSD")
+        for noise, images in ((0.3, ""), (0.6, ""), (0.3, ", 5,120 images")) for seed in (1000, 1001)}
+    assert {row.get("demo_teacher.train_images", 0) for row in study_rows.values()} == {0, 5120}
     result = run_ablation(tmp_path, rows, "psd.json", 300, "--teacher-only")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| row | steps | minutes | zero-shot top-1 | linear top-1 | shifted zero-shot |" in result.stdout
@@ -131,6 +133,8 @@ def test_teacher_only_rows_measure_the_teacher_alone(tiny_teacher, tmp_path):
     # convergence: the final CPA zero-shot minus the last evaluation's during training (step 1 of 2)
     assert figures["teacher_last_interval_gain"] == round(100 * (trained["zero_shot_top1_cpa"]
                                                                  - trained["history"][-2]["cpa"]), 2)
+    assert figures["teacher_peak_zeroshot_top1"] == round(100 * max(trained["zero_shot_top1_cpa"],
+                                                                     trained["history"][-2]["cpa"]), 4)
 
 
 def test_seed_rows_train_and_probe_the_supervised_reference_at_the_same_seed(demo_shards, tiny_teacher, tmp_path):

@@ -103,3 +103,23 @@ def test_the_metrics_hold_the_confusion_summary_of_the_cpa_classifier(demo_shard
     assert summary["predictions"] == 48  # the val images of demo_shards
     assert summary["errors"] == round(48 * (1 - metrics["zero_shot_top1_cpa"]))
     assert "related_share" not in summary  # the easy world has no twins
+
+
+def test_a_finite_caption_set_cycles_the_same_images_and_captions_with_new_crops():
+    """train_images N: item i is image i mod N with the caption that image has every epoch (a noisy
+    one stays wrong, as in a web dataset) and a new crop; 0: every item a fresh image, its caption
+    noise drawn over the whole stream, as make_sample draws it for the shards."""
+    tokenizer = lambda texts: torch.zeros(len(texts), 4, dtype=torch.long)  # noqa: E731 (captions via ids)
+    images, noise, length = 6, 0.5, 24
+    finite = demo_teacher.CaptionStream(5, length, 16, tokenizer, (0.3, 1.0), (0.75, 1.33), noise, images)
+    endless = demo_teacher.CaptionStream(5, length, 16, tokenizer, (0.3, 1.0), (0.75, 1.33), noise)
+    caption_ids = [finite[i][2] for i in range(length)]
+    assert caption_ids == caption_ids[:images] * (length // images)
+    expected = [demo_world.make_sample(5, "train", i, 16, noise, images).attributes.caption for i in range(images)]
+    own = [demo_world.make_image(5, "train", i, 16)[1].caption for i in range(images)]
+    assert expected != own  # some captions of the set are wrong, and stay wrong every epoch
+    assert caption_ids[:images] == [demo_teacher.caption_id(c) for c in expected]
+    assert not torch.equal(finite[0][0], finite[images][0])  # the same image, another crop
+    assert [endless[i][2] for i in range(length)] == [
+        demo_teacher.caption_id(demo_world.make_sample(5, "train", i, 16, noise, length).attributes.caption)
+        for i in range(length)]

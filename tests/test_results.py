@@ -70,20 +70,28 @@ def test_psd_table_means_the_seeds_and_pairs_psd_with_clip_at_the_same_seed():
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
 
-    def teacher(objective: str, seed: int, base: float) -> dict:
+    def teacher(objective: str, seed: int, base: float, images: int = 0) -> dict:
         figures = {key: base + i for i, key in enumerate(table.MEASURES.values())}
         return {"params": {"demo_teacher.caption_noise": 0.3, "demo_teacher.objective": objective,
-                           "demo_teacher.seed": seed}, "figures": {**figures, "teacher_last_interval_gain": 0.5}}
+                           "demo_teacher.seed": seed, "demo_teacher.train_images": images,
+                           "demo_teacher.steps": 100, "demo_teacher.batch_size": 64},
+                "figures": {**figures, "teacher_last_interval_gain": 0.5, "teacher_peak_zeroshot_top1": base + 1}}
 
-    records = [teacher("clip", 1, 40.0), teacher("clip", 2, 44.0), teacher("psd", 1, 43.0), teacher("psd", 2, 43.0)]
-    clip, psd, difference = table.table_rows(records)
+    records = [teacher("clip", 1, 40.0), teacher("clip", 2, 44.0), teacher("psd", 1, 43.0), teacher("psd", 2, 43.0),
+               teacher("clip", 1, 30.0, 1600), teacher("psd", 1, 32.5, 1600)]
+    clip, psd, difference, finite_clip, finite_psd, finite_difference = table.table_rows(records)
     assert clip["label"] == "CLIP, noise 0.3" and clip["figures"]["zeroshot"] == 42.0
     assert clip["figures"]["zeroshot_seeds"] == {"min": 40.0, "max": 44.0} and clip["figures"]["seeds"] == 2
-    assert psd["figures"]["linear"] == 44.0
+    assert clip["figures"]["peak_zeroshot"] == 43.0 and psd["figures"]["linear"] == 44.0
     # per seed: PSD - CLIP is +3 at seed 1 and -1 at seed 2, in every measure
     assert difference["figures"]["zeroshot"] == 1.0
     assert difference["figures"]["shifted_linear_seeds"] == {"min": -1.0, "max": 3.0}
     assert (difference["figures"]["psd_ahead"], difference["figures"]["comparisons"]) == (6, 12)
+    # a finite set of 1,600 images is its own setting: 100 steps x 64 captions are 4 epochs of it
+    assert finite_clip["label"] == "CLIP, noise 0.3, 1,600 images x 4 epochs"
+    assert finite_psd["params"]["demo_teacher.train_images"] == 1600
+    assert finite_difference["label"] == "PSD - CLIP, noise 0.3, 1,600 images x 4 epochs"
+    assert finite_difference["figures"]["zeroshot"] == 2.5 and finite_difference["figures"]["seeds"] == 1
 
 
 @pytest.fixture
