@@ -106,15 +106,16 @@ def psd_claim() -> dict[str, Any]:
     if trained < planned:
         verdict = f"provisional, {trained} of {planned} teachers: {verdict}"
     budget = table["description"].split("Budget: ", 1)[-1].rstrip(".")
+    tally = (f"{counts['holds']} hold{'s' if counts['holds'] == 1 else ''}, {counts['does not hold']} "
+             f"do{'es' if counts['does not hold'] == 1 else ''} not, {counts['level']} level")
     return {
         "label": label,
         "params": {"claim.paper": "PSD"},
         "figures": {"paper": paper,
-                    "here": f"PSD - CLIP, mean over seeds (points; hard world, {budget}; without images: an "
-                            "endless stream of fresh images): " + "; ".join(parts),
-                    "verdict": f"{verdict}: of {len(verdicts)} (measure, setting) pairs, {counts['holds']} hold, "
-                               f"{counts['does not hold']} do not, {counts['level']} level (a pair holds when the "
-                               f"mean difference exceeds {NOISE:g} point and PSD is ahead at every seed)"},
+                    "here": f"PSD - CLIP, mean over seeds (points; hard world, {budget}; a setting without an "
+                            "image count trains on an endless stream of fresh images): " + "; ".join(parts),
+                    "verdict": f"{verdict}: of {len(verdicts)} (measure, setting) pairs: {tally} (a pair holds "
+                               f"when the mean difference exceeds {NOISE:g} point and PSD is ahead at every seed)"},
         "source": "psd-table.json"}
 
 
